@@ -1,0 +1,13 @@
+"""attnres_fx: Block Attention Residuals (arXiv 2603.15031) applied as a compiler pass.
+
+    model = attnres_fx.transform(model)   # before torch.compile
+    print(attnres_fx.plan(model))
+"""
+
+from .api import depth_weights, plan, transform
+from .errors import AttnResError
+from .module import AttnResModel
+from .plan import Plan, PlanSite
+
+__all__ = ["AttnResError", "AttnResModel", "Plan", "PlanSite", "depth_weights", "plan", "transform"]
+__version__ = "0.1.0"

@@ -1,0 +1,234 @@
+"""Capture: run torch.export (non-strict, dynamic dims) and keep the lifted graph.
+
+The lifted graph takes parameters and buffers as inputs. The transformed module passes its own
+current tensors at every call, so `.to()`, `load_state_dict(assign=True)`, meta-device
+materialisation and parameter sharding never leave the graph holding stale copies.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.export import Dim
+from torch.export.graph_signature import InputKind, OutputKind
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+
+from .errors import CaptureError
+
+_INNER = "inner"  # attribute under which the adapter holds the user's model
+
+
+@dataclass(frozen=True)
+class CallKey:
+    """What a captured graph is specialised to, besides shapes: mode, structure, non-tensor args."""
+
+    training: bool
+    spec: TreeSpec
+    constants: tuple[Hashable, ...]
+
+
+@dataclass(frozen=True)
+class TensorGuard:
+    """The dtype, rank and static dims that a captured graph requires of one tensor input."""
+
+    dtype: torch.dtype
+    ndim: int
+    static_dims: tuple[tuple[int, int], ...]
+
+    def admits(self, t: Tensor) -> bool:
+        return (
+            t.dtype == self.dtype
+            and t.dim() == self.ndim
+            and all(t.shape[i] == size for i, size in self.static_dims)
+        )
+
+
+@dataclass
+class Binding:
+    """Where one graph input comes from at call time."""
+
+    kind: str  # "param", "buffer", "constant" or "input"
+    key: str | int  # FQN in the owning module, constant name, or index into the tensor inputs
+
+
+@dataclass
+class CapturedGraph:
+    """A lifted export graph plus what is needed to call it with a module's current state."""
+
+    gm: torch.fx.GraphModule
+    bindings: list[Binding]
+    guards: list[TensorGuard]
+    out_spec: TreeSpec
+    output_kinds: list[tuple[str, str | int | None]]  # ("output", None) / ("buffer", fqn) / ("input", idx)
+    constants: dict[str, Tensor] = field(default_factory=dict)
+
+    def admits(self, tensors: list[Tensor]) -> bool:
+        return len(tensors) == len(self.guards) and all(g.admits(t) for g, t in zip(self.guards, tensors))
+
+    def add_parameter_input(self, name: str, fqn: str) -> torch.fx.Node:
+        """Add a graph input bound to parameter `fqn` of the owning module."""
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        with self.gm.graph.inserting_after(placeholders[-1]):
+            node = self.gm.graph.placeholder(name)
+        self.bindings.append(Binding("param", fqn))
+        return node
+
+    def run(self, owner: nn.Module, tensors: list[Tensor]) -> Any:
+        """Call the graph with `owner`'s current parameters and buffers and the tensor inputs."""
+        outs = self.gm(*[self._resolve(b, owner, tensors) for b in self.bindings])
+        user_outs = []
+        for (kind, key), value in zip(self.output_kinds, outs):
+            if kind == "output":
+                user_outs.append(value)
+            else:  # a mutation the original forward made in place: make it again
+                target = owner.get_buffer(key) if kind == "buffer" else tensors[key]
+                with torch.no_grad():
+                    target.copy_(value)
+        return tree_unflatten(user_outs, self.out_spec)
+
+    def _resolve(self, b: Binding, owner: nn.Module, tensors: list[Tensor]) -> Tensor:
+        if b.kind == "input":
+            return tensors[b.key]
+        if b.kind == "param":
+            return owner.get_parameter(b.key)
+        if b.kind == "buffer":
+            return owner.get_buffer(b.key)
+        return self.constants[b.key]
+
+
+def split_inputs(args: tuple, kwargs: dict[str, Any], training: bool) -> tuple[CallKey, list[Tensor]]:
+    """Separate a call's tensors (graph inputs) from everything a graph is specialised to."""
+    leaves, spec = tree_flatten((args, kwargs))
+    tensors = [x for x in leaves if isinstance(x, Tensor)]
+    constants = tuple(_TENSOR if isinstance(x, Tensor) else _hashable(x) for x in leaves)
+    return CallKey(training, spec, constants), tensors
+
+
+class _TensorSlot:
+    def __repr__(self) -> str:
+        return "<tensor>"
+
+
+_TENSOR = _TensorSlot()
+
+
+def _hashable(x: Any) -> Hashable:
+    try:
+        hash(x)
+        return x
+    except TypeError:
+        return repr(x)
+
+
+class _FlatCall(nn.Module):
+    """Calls the user's model from a flat tuple of tensors, with the call's other leaves fixed."""
+
+    def __init__(self, model: nn.Module, key: CallKey):
+        super().__init__()
+        setattr(self, _INNER, model)
+        self.key = key
+
+    def forward(self, *tensors: Tensor) -> Any:
+        it = iter(tensors)
+        leaves = [next(it) if c is _TENSOR else c for c in self.key.constants]
+        args, kwargs = tree_unflatten(leaves, self.key.spec)
+        return getattr(self, _INNER)(*args, **kwargs)
+
+
+def with_capture_defaults(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Ask for no KV cache where forward takes `use_cache`: a cache object cannot be exported."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if "use_cache" in params and "use_cache" not in kwargs:
+        return {**kwargs, "use_cache": False}
+    return kwargs
+
+
+def capture(model: nn.Module, key: CallKey, tensors: list[Tensor]) -> CapturedGraph:
+    """Export `model` for calls like the given one, with every tensor dim dynamic where it can be."""
+    adapter = _FlatCall(model, key)
+    adapter.train(key.training)
+    dynamic = tuple({i: Dim.AUTO for i in range(t.dim())} for t in tensors)
+    try:
+        ep = torch.export.export(adapter, tuple(tensors), dynamic_shapes=(dynamic,), strict=False)
+    except Exception as exc:  # export raises many types; all mean "cannot capture"
+        raise _capture_error(adapter, tensors, exc) from exc
+    _strip_prefix_from_module_stacks(ep.graph_module)
+    return _captured_graph(ep)
+
+
+def _captured_graph(ep: torch.export.ExportedProgram) -> CapturedGraph:
+    sig = ep.graph_signature
+    user_index = {}
+    bindings = []
+    for spec in sig.input_specs:
+        if spec.kind == InputKind.USER_INPUT:
+            user_index[spec.arg.name] = len(user_index)
+            bindings.append(Binding("input", user_index[spec.arg.name]))
+        elif spec.kind == InputKind.PARAMETER:
+            bindings.append(Binding("param", _strip(spec.target)))
+        elif spec.kind == InputKind.BUFFER:
+            bindings.append(Binding("buffer", _strip(spec.target)))
+        elif spec.kind == InputKind.CONSTANT_TENSOR:
+            bindings.append(Binding("constant", spec.target))
+        else:
+            raise CaptureError(f"export produced an input of kind {spec.kind.name}, which attnres_fx does not support")
+    output_kinds: list[tuple[str, str | int | None]] = []
+    for spec in sig.output_specs:
+        if spec.kind == OutputKind.USER_OUTPUT:
+            output_kinds.append(("output", None))
+        elif spec.kind == OutputKind.BUFFER_MUTATION:
+            output_kinds.append(("buffer", _strip(spec.target)))
+        elif spec.kind == OutputKind.USER_INPUT_MUTATION:
+            output_kinds.append(("input", user_index[spec.target]))
+        else:
+            raise CaptureError(f"export produced an output of kind {spec.kind.name}, which attnres_fx does not support")
+    placeholders = {n.name: n for n in ep.graph_module.graph.nodes if n.op == "placeholder"}
+    guards = [_guard(placeholders[name].meta["val"]) for name in user_index]
+    constants = {k: v for k, v in ep.constants.items() if isinstance(v, Tensor)}
+    return CapturedGraph(ep.graph_module, bindings, guards, ep.call_spec.out_spec, output_kinds, constants)
+
+
+def _guard(val: Tensor) -> TensorGuard:
+    static = tuple((i, int(s)) for i, s in enumerate(val.shape) if not isinstance(s, torch.SymInt))
+    return TensorGuard(val.dtype, val.dim(), static)
+
+
+def _strip(path: str) -> str:
+    """'inner.model.layers.0' -> 'model.layers.0'; 'inner' -> ''."""
+    return "" if path == _INNER else path.removeprefix(_INNER + ".")
+
+
+def _strip_prefix_from_module_stacks(gm: torch.fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {k: (_strip(path), cls) for k, (path, cls) in stack.items()}
+
+
+def _capture_error(adapter: _FlatCall, tensors: list[Tensor], exc: Exception) -> CaptureError:
+    model = getattr(adapter, _INNER)
+    name = type(model).__name__
+    try:
+        with torch.no_grad():
+            adapter(*tensors)
+    except Exception as run_exc:
+        return CaptureError(
+            f"{name} cannot run the example inputs: {type(run_exc).__name__}: {run_exc}. "
+            "attnres_fx runs the model once to capture its graph; pass `example_inputs` that a plain "
+            "call `model(*args)` or `model(**kwargs)` accepts."
+        )
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return CaptureError(
+        f"torch.export could not capture {name}: {type(exc).__name__}: {first_line}. "
+        "attnres_fx needs a graph of the whole forward; code with data-dependent shapes or Python "
+        "side effects cannot be captured. Make that part capturable (see torch.export's docs), or "
+        "transform a submodule that holds the residual stream."
+    )

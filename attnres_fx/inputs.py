@@ -1,0 +1,47 @@
+"""Example inputs: the user's, normalised, or built from a model's own config when we can."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import AttnResError
+
+ExampleInputs = tuple[Any, ...] | dict[str, Any] | Tensor
+
+
+def as_call(example_inputs: ExampleInputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A tuple is positional args, a dict keyword args, a tensor the single positional arg."""
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, tuple):
+        return example_inputs, {}
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,), {}
+    raise AttnResError(
+        f"example_inputs must be a tuple of positional args, a dict of keyword args or a tensor; "
+        f"got {type(example_inputs).__name__}."
+    )
+
+
+def default_example_inputs(model: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Token ids for Hugging Face text models, images for timm models; otherwise ask the user."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    config = getattr(model, "config", None)
+    if getattr(model, "main_input_name", None) == "input_ids" and getattr(config, "vocab_size", None):
+        max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 16
+        ids = torch.randint(0, config.vocab_size, (2, min(16, max_len)), device=device)
+        return (), {"input_ids": ids}
+    pretrained_cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(pretrained_cfg, dict) and pretrained_cfg.get("input_size"):
+        return (torch.randn(2, *pretrained_cfg["input_size"], device=device, dtype=dtype),), {}
+    raise AttnResError(
+        f"attnres_fx cannot guess inputs for {type(model).__name__}: it builds them only for Hugging "
+        "Face text models (token ids from `config.vocab_size`) and timm models (images of "
+        "`pretrained_cfg['input_size']`). Pass `example_inputs=` a tuple of positional args or a dict "
+        "of keyword args that the model accepts, e.g. `transform(model, (torch.randn(2, 16, 64),))`."
+    )

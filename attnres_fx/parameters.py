@@ -1,0 +1,32 @@
+"""The new parameters: one pseudo-query and one key-norm weight per site that has several sources."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .plan import Plan
+
+
+class SiteParameters(nn.Module):
+    """A site's pseudo-query (zero-init: uniform weights) and key RMSNorm weight (one-init)."""
+
+    def __init__(self, dim: int, device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        self.query = nn.Parameter(torch.zeros(dim, device=device, dtype=dtype))
+        self.key_weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def reset_parameters(self) -> None:
+        """Back to the function-preserving init (used after meta-device materialisation)."""
+        with torch.no_grad():
+            self.query.zero_()
+            self.key_weight.fill_(1.0)
+
+
+class AttnResParameters(nn.Module):
+    """Holds every SiteParameters under the names the plan gives (`site_3`, `final`)."""
+
+    def __init__(self, plan: Plan, dim: int, device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        for site in plan.parametrised:
+            self.add_module(site.query.split(".")[1], SiteParameters(dim, device, dtype))

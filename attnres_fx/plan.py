@@ -1,0 +1,76 @@
+"""Plan blocks: cut the residual sublayers into blocks and name each site's parameters."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from tabulate import tabulate
+
+PARAMETER_PREFIX = "attnres"
+
+
+@dataclass(frozen=True)
+class PlanSite:
+    """One place where a sublayer (or the final norm) reads the stream through depth attention."""
+
+    index: int  # sublayer index; the final aggregation has index == number of sublayers
+    block: int  # the block this sublayer belongs to
+    branch: tuple[str, ...]  # module paths computing the branch ("" = final aggregation)
+    num_sources: int
+    query: str | None  # state-dict names; None for site 0, which has one source
+    key_weight: str | None
+    eps: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The ordered sites of a transformed model and the final aggregation."""
+
+    sites: tuple[PlanSite, ...]
+    final: PlanSite
+    block_size: int
+
+    @property
+    def num_blocks(self) -> int:
+        return math.ceil(len(self.sites) / self.block_size)
+
+    @property
+    def parametrised(self) -> tuple[PlanSite, ...]:
+        return tuple(s for s in (*self.sites, self.final) if s.query is not None)
+
+    def __str__(self) -> str:
+        rows = [
+            (s.index if s.branch else "final", s.block, ", ".join(s.branch) or "(final norm)", s.num_sources, s.query or "-", s.key_weight or "-")
+            for s in (*self.sites, self.final)
+        ]
+        head = f"Block AttnRes: {len(self.sites)} sublayers, block_size {self.block_size}, {self.num_blocks} blocks\n"
+        return head + tabulate(rows, headers=["site", "block", "branch", "sources", "query", "key norm weight"])
+
+
+def num_sources(j: int, block_size: int) -> int:
+    """Sources read by sublayer j: the stream start, the completed blocks, the partial sum if any."""
+    return 1 + j // block_size + (1 if j % block_size else 0)
+
+
+def make_plan(branches: list[tuple[str, ...]], eps: list[float], final_eps: float, num_blocks: int, block_size: int | None) -> Plan:
+    """Assign each of the sublayers (given by their branch modules) to blocks."""
+    count = len(branches)
+    size = block_size or max(1, math.ceil(count / num_blocks))
+
+    def site(j: int, branch: tuple[str, ...], e: float) -> PlanSite:
+        n = num_sources(j, size)
+        name = "final" if not branch else f"site_{j}"
+        has_params = n > 1
+        return PlanSite(
+            index=j,
+            block=j // size,
+            branch=branch,
+            num_sources=n,
+            query=f"{PARAMETER_PREFIX}.{name}.query" if has_params else None,
+            key_weight=f"{PARAMETER_PREFIX}.{name}.key_weight" if has_params else None,
+            eps=e,
+        )
+
+    sites = tuple(site(j, b, e) for j, (b, e) in enumerate(zip(branches, eps)))
+    return Plan(sites, site(count, (), final_eps), size)

@@ -1,0 +1,279 @@
+"""Find the residual stream: the chain of pre-norm residual adds in a captured graph.
+
+An add `h + d` is a pre-norm residual when both operands have the output's shape and the stream `h`
+reaches the branch `d` only through normalisation: every first step from `h` towards `d` is a norm
+node. Norms are recognised by what they compute (layer_norm / rms_norm / group_norm ops, or an
+rsqrt / sqrt of a mean inside one module), never by a module's name.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Graph, Node
+
+aten = torch.ops.aten
+
+_ADDS = {aten.add.Tensor, aten.add_.Tensor}
+_NORM_OPS = {
+    aten.layer_norm.default,
+    aten.native_layer_norm.default,
+    aten.rms_norm.default,
+    aten.group_norm.default,
+    aten.native_group_norm.default,
+}
+_ROOT_OPS = {aten.rsqrt.default, aten.sqrt.default}
+_STAT_OPS = {aten.mean.dim, aten.mean.default, aten.var.correction, aten.var_mean.correction}
+_ALIAS_OPS = {
+    aten.to.dtype,
+    aten.to.dtype_layout,
+    aten.to.device,
+    aten.to.other,
+    aten._to_copy.default,
+    aten.clone.default,
+    aten.alias.default,
+    aten.contiguous.default,
+}
+_MATMUL_OPS = {
+    aten.linear.default,
+    aten.mm.default,
+    aten.addmm.default,
+    aten.bmm.default,
+    aten.matmul.default,
+    aten.einsum.default,
+    aten.conv1d.default,
+    aten.conv2d.default,
+    aten.convolution.default,
+    aten._grouped_mm.default,
+}
+DEFAULT_EPS = 1e-6
+
+
+@dataclass
+class Site:
+    """One residual sublayer: `add = stream + branch`."""
+
+    add: Node
+    stream: Node
+    branch: Node
+    branch_modules: tuple[str, ...]
+    eps: float
+
+
+@dataclass
+class UnnormalizedRead:
+    """A node that reads a stream value without a norm in between."""
+
+    reader: Node
+    module: str
+    stream_index: int  # which stream value: 0 = the start, j = the output of sublayer j-1
+
+
+@dataclass
+class Stream:
+    """The residual chain: its start, its sites in order, and how its final value is normalised."""
+
+    start: Node | None  # None when no pre-norm residual add was found
+    sites: list[Site]
+    final_eps: float
+    unnormalized_reads: list[UnnormalizedRead]
+    unnormalized_adds: list[tuple[Node, str]]  # `h + f(h)` adds whose branch reads h raw
+
+
+def module_path(node: Node) -> str:
+    """The innermost module that recorded `node` ('' for the root)."""
+    stack = node.meta.get("nn_module_stack")
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def module_paths(node: Node) -> list[str]:
+    """The modules that recorded `node`, outermost first."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [path for path, _ in stack.values()]
+
+
+def is_tensor(node: object) -> bool:
+    return isinstance(node, Node) and isinstance(node.meta.get("val"), torch.Tensor)
+
+
+def find_stream(graph: Graph) -> Stream:
+    """The longest pre-norm residual chain in `graph` (no sites if there is none)."""
+    return _StreamFinder(graph).find()
+
+
+class _StreamFinder:
+    def __init__(self, graph: Graph):
+        self.nodes = list(graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        self.by_path: dict[str, list[Node]] = defaultdict(list)
+        for n in self.nodes:
+            self.by_path[module_path(n)].append(n)
+        self.norm_paths = {p for p, ns in self.by_path.items() if p and _computes_norm(ns)}
+
+    def is_norm(self, n: Node) -> bool:
+        return n.target in _NORM_OPS or module_path(n) in self.norm_paths
+
+    def find(self) -> Stream:
+        sites: dict[Node, Site] = {}
+        unnormalized_adds: list[tuple[Node, str]] = []
+        for n in self.nodes:
+            if n.op != "call_function" or n.target not in _ADDS or not _is_plain_add(n):
+                continue
+            site, raw = self._classify_add(n)
+            if site is not None:
+                sites[n] = site
+            elif raw:
+                unnormalized_adds.append((n, module_path(n)))
+        chain = self._longest_chain(sites)
+        if not chain:
+            return Stream(None, [], DEFAULT_EPS, [], unnormalized_adds)
+        values = [chain[0].stream] + [s.add for s in chain]
+        final_eps = self._eps_of_readers(values[-1])
+        return Stream(chain[0].stream, chain, final_eps, self._unnormalized_reads(values, chain), unnormalized_adds)
+
+    # --- one add -------------------------------------------------------------------------------
+
+    def _classify_add(self, add: Node) -> tuple[Site | None, bool]:
+        """(site, False) for a pre-norm residual; (None, True) for `h + f(h)` with f reading h raw."""
+        raw = False
+        for x, y in (add.args[:2], add.args[1::-1]):
+            stream = self.root(x)
+            ancestors = self._ancestors(y, stop_before=self.index[stream])
+            if stream not in ancestors:
+                continue
+            first_steps = [u for u in self._tensor_readers(stream) if u in ancestors or u is y]
+            if first_steps and all(self.is_norm(u) for u in first_steps):
+                region = self._between(stream, ancestors)
+                return Site(add, stream, y, self._branch_modules(add, region), self._eps_of_readers(stream)), False
+            region = self._between(stream, ancestors)
+            raw = raw or any(r.target in _MATMUL_OPS for r in region)
+        return None, raw
+
+    def root(self, n: Node) -> Node:
+        """Look through ops that return their input unchanged (a `.to()` to the same dtype, clone...)."""
+        while n.op == "call_function" and n.target in _ALIAS_OPS and _same_tensor_type(n, n.args[0]):
+            n = n.args[0]
+        return n
+
+    def _tensor_readers(self, value: Node) -> list[Node]:
+        """Tensor-valued readers of `value`, looking through alias ops that are not norm nodes."""
+        readers, todo = [], [value]
+        while todo:
+            for u in todo.pop().users:
+                if not is_tensor(u) or u.op == "output":
+                    if u.op == "output":
+                        readers.append(u)
+                    continue
+                if u.target in _ALIAS_OPS and _same_tensor_type(u, u.args[0]) and not self.is_norm(u):
+                    todo.append(u)
+                else:
+                    readers.append(u)
+        return readers
+
+    def _ancestors(self, node: Node, stop_before: int) -> set[Node]:
+        """Tensor-valued ancestors of `node` (itself included) at or after position `stop_before`."""
+        seen, todo = {node}, [node]
+        while todo:
+            for a in todo.pop().all_input_nodes:
+                if a not in seen and is_tensor(a) and self.index[a] >= stop_before:
+                    seen.add(a)
+                    todo.append(a)
+        return seen
+
+    def _between(self, stream: Node, ancestors: set[Node]) -> list[Node]:
+        """Nodes on a path from `stream` into the branch, in graph order."""
+        seen, todo = set(), [stream]
+        while todo:
+            for u in todo.pop().users:
+                if u in ancestors and u not in seen:
+                    seen.add(u)
+                    todo.append(u)
+        return sorted(seen, key=self.index.__getitem__)
+
+    def _branch_modules(self, add: Node, region: list[Node]) -> tuple[str, ...]:
+        """The modules one level below the add's module that compute the branch (norms left out)."""
+        owner = module_path(add)
+        found: dict[str, None] = {}
+        for n in region:
+            paths = module_paths(n)
+            below = paths[paths.index(owner) + 1 :] if owner in paths else []
+            if below and below[0] not in self.norm_paths:
+                found[below[0]] = None
+        return tuple(found) or (owner,)
+
+    # --- the chain -----------------------------------------------------------------------------
+
+    def _longest_chain(self, sites: dict[Node, Site]) -> list[Site]:
+        next_of: dict[Node, Site] = {}
+        for site in sites.values():
+            next_of.setdefault(site.stream, site)
+        best: list[Site] = []
+        for site in sites.values():
+            if site.stream in sites:
+                continue  # not a chain start
+            chain = [site]
+            while chain[-1].add in next_of:
+                chain.append(next_of[chain[-1].add])
+            if len(chain) > len(best):
+                best = chain
+        return best
+
+    def _unnormalized_reads(self, values: list[Node], chain: list[Site]) -> list[UnnormalizedRead]:
+        adds = {s.add for s in chain}
+        reads = []
+        for i, value in enumerate(values):
+            for r in self._tensor_readers(value):
+                if r in adds or (r.op != "output" and self.is_norm(r)):
+                    continue
+                reads.append(UnnormalizedRead(r, module_path(r), i))
+        return reads
+
+    # --- eps -----------------------------------------------------------------------------------
+
+    def _eps_of_readers(self, value: Node) -> float:
+        """The eps of the norm that reads `value`: the key RMSNorm uses the model's own eps."""
+        for r in self._tensor_readers(value):
+            if r.op == "output" or not self.is_norm(r):
+                continue
+            eps = _norm_eps([r]) if r.target in _NORM_OPS else _norm_eps(self.by_path[module_path(r)])
+            if eps is not None:
+                return eps
+        return DEFAULT_EPS
+
+
+def _computes_norm(nodes: list[Node]) -> bool:
+    targets = {n.target for n in nodes}
+    return bool(targets & _NORM_OPS) or bool(targets & _ROOT_OPS and targets & _STAT_OPS)
+
+
+def _norm_eps(nodes: list[Node]) -> float | None:
+    for n in nodes:
+        if n.target in (aten.layer_norm.default, aten.native_layer_norm.default):
+            return float(n.args[4]) if len(n.args) > 4 else float(n.kwargs.get("eps", 1e-5))
+        if n.target == aten.rms_norm.default and len(n.args) > 3 and n.args[3] is not None:
+            return float(n.args[3])
+        if n.target in _ROOT_OPS:
+            arg = n.args[0]
+            if isinstance(arg, Node) and arg.target == aten.add.Tensor and isinstance(arg.args[1], (int, float)):
+                return float(arg.args[1])
+    return None
+
+
+def _is_plain_add(n: Node) -> bool:
+    if len(n.args) < 2 or n.kwargs.get("alpha", 1) != 1 or not (is_tensor(n.args[0]) and is_tensor(n.args[1])):
+        return False
+    out = _shape(n)
+    return _shape(n.args[0]) == out and _shape(n.args[1]) == out
+
+
+def _shape(n: Node) -> tuple[str, ...]:
+    return tuple(str(s) for s in n.meta["val"].shape)
+
+
+def _same_tensor_type(n: Node, src: object) -> bool:
+    if not (is_tensor(n) and is_tensor(src)):
+        return False
+    a, b = n.meta["val"], src.meta["val"]
+    return a.dtype == b.dtype and _shape(n) == _shape(src) and a.device == b.device
