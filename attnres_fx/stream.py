@@ -95,7 +95,11 @@ def module_paths(node: Node) -> list[str]:
 
 
 def is_tensor(node: object) -> bool:
-    return isinstance(node, Node) and isinstance(node.meta.get("val"), torch.Tensor)
+    """Whether `node` carries tensor data (a tensor, or a tuple of them as from split / chunk)."""
+    if not isinstance(node, Node):
+        return False
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) or (isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val))
 
 
 def find_stream(graph: Graph) -> Stream:
@@ -262,7 +266,9 @@ def _norm_eps(nodes: list[Node]) -> float | None:
 
 
 def _is_plain_add(n: Node) -> bool:
-    if len(n.args) < 2 or n.kwargs.get("alpha", 1) != 1 or not (is_tensor(n.args[0]) and is_tensor(n.args[1])):
+    if len(n.args) < 2 or n.kwargs.get("alpha", 1) != 1:
+        return False
+    if not all(isinstance(a, Node) and isinstance(a.meta.get("val"), torch.Tensor) for a in (n, *n.args[:2])):
         return False
     out = _shape(n)
     return _shape(n.args[0]) == out and _shape(n.args[1]) == out
@@ -273,7 +279,7 @@ def _shape(n: Node) -> tuple[str, ...]:
 
 
 def _same_tensor_type(n: Node, src: object) -> bool:
-    if not (is_tensor(n) and is_tensor(src)):
+    if not (isinstance(src, Node) and isinstance(n.meta.get("val"), torch.Tensor) and isinstance(src.meta.get("val"), torch.Tensor)):
         return False
     a, b = n.meta["val"], src.meta["val"]
     return a.dtype == b.dtype and _shape(n) == _shape(src) and a.device == b.device

@@ -1,0 +1,237 @@
+"""Tiny random-init models for tests (never downloaded weights), with realistic magnitudes.
+
+Transformers' default init (std 0.02) leaves the stream's mean square near 1e-3, where the norms'
+eps alone moves a correct AttnRes several percent away from the original (see attnres.md); tests of
+the zero-init invariant re-initialise to unit scale: linear weights std 1/sqrt(fan_in), embeddings
+std 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+VOCAB = 128
+SEQ = 16
+BATCH = 2
+
+
+def unit_scale_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Re-initialise weights at unit scale, in place; norm weights stay as they are."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if isinstance(module, nn.Embedding):
+                    p.copy_(torch.randn(p.shape, generator=g))
+                elif p.dim() >= 2:
+                    p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+                elif "bias" in name:
+                    p.zero_()
+    return model
+
+
+def hf_causal_lm(model_type: str, **overrides) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        attn_implementation="sdpa",
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    base.update(overrides)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **base), attn_implementation=base.pop("attn_implementation"))
+    return unit_scale_(model).eval()
+
+
+def llama() -> nn.Module:
+    return hf_causal_lm("llama")
+
+
+def qwen3() -> nn.Module:
+    return hf_causal_lm("qwen3", head_dim=16)
+
+
+def mistral() -> nn.Module:
+    return hf_causal_lm("mistral", sliding_window=None)
+
+
+def gpt2() -> nn.Module:
+    return hf_causal_lm("gpt2", n_embd=64, n_layer=4, n_head=4, n_positions=64, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+
+
+def gpt_neox() -> nn.Module:
+    return hf_causal_lm("gpt_neox", use_parallel_residual=True, rotary_pct=0.5, hidden_dropout=0.0)
+
+
+def mixtral() -> nn.Module:
+    return hf_causal_lm("mixtral", num_local_experts=4, num_experts_per_tok=2)
+
+
+def qwen2_moe() -> nn.Module:
+    return hf_causal_lm(
+        "qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64, decoder_sparse_step=1
+    )
+
+
+def kimi_linear() -> nn.Module:
+    return hf_causal_lm(
+        "kimi_linear",
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_experts=4,
+        num_experts_per_token=2,
+        moe_intermediate_size=64,
+        num_shared_experts=1,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+        linear_num_heads=4,
+        linear_head_dim=16,
+        kv_lora_rank=32,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        head_dim=8,
+    )
+
+
+def bert() -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB)
+    return BertModel(cfg).eval()
+
+
+def vit() -> nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4, num_classes=10,
+        drop_path_rate=0.1, init_values=0.5,
+    )
+    return unit_scale_(model).eval()
+
+
+class NanoBlock(nn.Module):
+    def __init__(self, d: int, heads: int = 4):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln_1(x)
+        x += self.attn(h, h, h, need_weights=False, is_causal=False)[0]
+        x += self.mlp(self.ln_2(x))
+        return x
+
+
+class NanoGPT(nn.Module):
+    """nanoGPT-style, written by hand, with in-place residual adds."""
+
+    def __init__(self, d: int = 64, layers: int = 4, vocab: int = VOCAB):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.wpe = nn.Embedding(64, d)
+        self.h = nn.ModuleList(NanoBlock(d) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def nanogpt() -> nn.Module:
+    torch.manual_seed(0)
+    return unit_scale_(NanoGPT()).eval()
+
+
+class NormAfterBranch(nn.Module):
+    """OLMo2-style: the branch reads the stream raw and its output is normalised."""
+
+    def __init__(self, d: int = 32, layers: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, d)
+        self.layers = nn.ModuleList(nn.Linear(d, d) for _ in range(layers))
+        self.norms = nn.ModuleList(nn.RMSNorm(d) for _ in range(layers))
+        self.head = nn.Linear(d, VOCAB)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for layer, norm in zip(self.layers, self.norms):
+            x = x + norm(layer(x))
+        return self.head(x)
+
+
+class NoResidual(nn.Module):
+    def __init__(self, d: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d), nn.Linear(d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class RawHiddenOutput(nn.Module):
+    """Pre-norm, but also returns the raw stream (like output_hidden_states)."""
+
+    def __init__(self, d: int = 32, layers: int = 2):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(layers))
+        self.layers = nn.ModuleList(nn.Linear(d, d) for _ in range(layers))
+        self.final = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for layer, norm in zip(self.layers, self.norms):
+            x = x + layer(norm(x))
+        return self.final(x), x
+
+
+def token_ids(batch: int = BATCH, seq: int = SEQ, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def images(batch: int = BATCH, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+# name -> (factory, example-input builder as (args, kwargs), sublayers per layer, layers, output getter)
+Arch = tuple[Callable[[], nn.Module], Callable[[], tuple[tuple, dict]], int]
+HF_IDS = lambda: ((), {"input_ids": token_ids(), "use_cache": False})  # noqa: E731
+
+ARCHITECTURES: dict[str, Arch] = {
+    "llama": (llama, HF_IDS, 8),
+    "qwen3": (qwen3, HF_IDS, 8),
+    "mistral": (mistral, HF_IDS, 8),
+    "gpt2": (gpt2, HF_IDS, 8),
+    "gpt_neox_parallel": (gpt_neox, HF_IDS, 4),
+    "mixtral": (mixtral, HF_IDS, 8),
+    "qwen2_moe": (qwen2_moe, HF_IDS, 8),
+    "kimi_linear": (kimi_linear, HF_IDS, 8),
+    "vit": (vit, lambda: ((images(),), {}), 8),
+    "nanogpt_inplace": (nanogpt, lambda: ((token_ids(),), {}), 8),
+}
+
+
+def main_output(out: object) -> torch.Tensor:
+    """The tensor to compare: logits of an HF output, or the output itself."""
+    return out.logits if hasattr(out, "logits") else out
