@@ -64,7 +64,7 @@ def transform(
     start = stream.start.meta["val"]
     device = next((p.device for p in model.parameters()), start.device)
     build = functools.partial(_build_graph, allow_unnormalized_reads=allow_unnormalized_reads, passes=tuple(passes))
-    tmodel = AttnResModel(model, plan, start.shape[-1], device, start.dtype, build)
+    tmodel = AttnResModel(model, plan, _concrete(start.shape[-1]), device, start.dtype, build)
     tmodel.add_graph(key, captured, optimized=True)
     return tmodel
 
@@ -154,6 +154,11 @@ def _no_stream_message(name: str, stream: Stream) -> str:
         "rewrite. attnres_fx transforms pre-norm residual models (transformers, ViTs, MLP-mixers...); check that "
         "the example inputs run the layers you expect."
     )
+
+
+def _concrete(size: int | torch.SymInt) -> int:
+    """The example's value of a dim that export left symbolic."""
+    return size.node.hint if isinstance(size, torch.SymInt) else size
 
 
 def _refuse_transformed(model: nn.Module) -> None:

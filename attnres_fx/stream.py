@@ -91,7 +91,7 @@ def module_path(node: Node) -> str:
 def module_paths(node: Node) -> list[str]:
     """The modules that recorded `node`, outermost first."""
     stack = node.meta.get("nn_module_stack") or {}
-    return [path for path, _ in stack.values()]
+    return list(dict.fromkeys(path for path, _ in stack.values()))  # the adapter and the model are both ''
 
 
 def is_tensor(node: object) -> bool:

@@ -1,0 +1,68 @@
+"""Models that cannot be transformed are refused with one error family and a useful message."""
+
+import pytest
+import torch
+
+import attnres_fx
+from attnres_fx import AttnResError
+from attnres_fx.errors import AlreadyTransformedError, CaptureError, NoResidualStreamError, UnnormalizedReadError
+import zoo
+
+
+def test_post_norm_bert_is_refused() -> None:
+    with pytest.raises(NoResidualStreamError) as info:
+        attnres_fx.transform(zoo.bert(), {"input_ids": zoo.token_ids()})
+    message = str(info.value)
+    assert "post-norm" in message and "encoder.layer.0" in message and "pre-norm" in message
+
+
+def test_norm_after_the_branch_is_refused() -> None:
+    with pytest.raises(NoResidualStreamError, match=r"found 2 residual adds .* normalises the branch output"):
+        attnres_fx.transform(zoo.NormAfterBranch(), (zoo.token_ids(),))
+
+
+def test_model_without_residual_stream_is_refused() -> None:
+    with pytest.raises(NoResidualStreamError, match="found no residual add"):
+        attnres_fx.transform(zoo.NoResidual(), (torch.randn(2, 32),))
+
+
+def test_raw_stream_read_is_refused_unless_allowed() -> None:
+    model, x = zoo.RawHiddenOutput(), torch.randn(2, 5, 32)
+    with pytest.raises(UnnormalizedReadError, match="read without a norm .* allow_unnormalized_reads=True"):
+        attnres_fx.transform(model, (x,))
+    tmodel = attnres_fx.transform(model, (x,), allow_unnormalized_reads=True)
+    assert [s.branch for s in attnres_fx.plan(tmodel).sites] == [("layers.0",), ("layers.1",)]
+    normed, raw = tmodel(x)
+    ref_normed, ref_raw = model(x)
+    assert torch.allclose(normed, ref_normed, atol=1e-4)  # still read through the final norm
+    assert torch.allclose(raw * 3, ref_raw, atol=1e-4)  # the raw reader now sees the mix: stream / 3 sources
+
+
+def test_already_transformed_model_is_refused() -> None:
+    tmodel = attnres_fx.transform(zoo.nanogpt(), (zoo.token_ids(),))
+    with pytest.raises(AlreadyTransformedError, match="already transformed"):
+        attnres_fx.transform(tmodel, (zoo.token_ids(),))
+    wrapper = torch.nn.Sequential(tmodel)
+    with pytest.raises(AlreadyTransformedError, match="submodule `0`"):
+        attnres_fx.transform(wrapper, (zoo.token_ids(),))
+
+
+def test_example_inputs_the_model_cannot_run_are_refused() -> None:
+    with pytest.raises(CaptureError, match="cannot run the example inputs"):
+        attnres_fx.transform(zoo.nanogpt(), (torch.randn(2, 16),))
+    with pytest.raises(CaptureError, match="cannot run the example inputs"):
+        attnres_fx.transform(zoo.llama(), {"input_ids": torch.randn(2, 16)})
+
+
+def test_model_of_unknown_kind_without_inputs_asks_for_them() -> None:
+    with pytest.raises(AttnResError, match="Pass `example_inputs="):
+        attnres_fx.transform(zoo.nanogpt())
+
+
+def test_bad_options_are_refused() -> None:
+    with pytest.raises(AttnResError, match="unknown graph pass"):
+        attnres_fx.transform(zoo.nanogpt(), (zoo.token_ids(),), passes=("fuse_everything",))
+    with pytest.raises(AttnResError, match=">= 1"):
+        attnres_fx.transform(zoo.nanogpt(), (zoo.token_ids(),), block_size=0)
+    with pytest.raises(AttnResError, match="takes a model returned by attnres_fx.transform"):
+        attnres_fx.plan(zoo.nanogpt())
