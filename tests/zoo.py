@@ -235,3 +235,8 @@ ARCHITECTURES: dict[str, Arch] = {
 def main_output(out: object) -> torch.Tensor:
     """The tensor to compare: logits of an HF output, or the output itself."""
     return out.logits if hasattr(out, "logits") else out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference relative to the reference's largest magnitude (fp32 parity measure)."""
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()

@@ -1,0 +1,44 @@
+"""Each graph pass is exact: it equals the plain rewrite in outputs and gradients."""
+
+import pytest
+import torch
+
+import attnres_fx
+from attnres_fx import ops
+import zoo
+
+
+def outputs_and_grads(tmodel, ids):
+    tmodel.zero_grad()
+    out = tmodel(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in tmodel.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("block_size", [1, 3, None])
+def test_two_phase_equals_plain_rewrite(block_size) -> None:
+    model = zoo.llama()
+    plain = attnres_fx.transform(model, block_size=block_size, passes=())
+    optimised = attnres_fx.transform(model, block_size=block_size, passes=("two_phase",))
+    with torch.no_grad():
+        for p in plain.attnres.parameters():
+            p.normal_(std=0.3)
+    optimised.attnres.load_state_dict(plain.attnres.state_dict())
+    ids = zoo.token_ids()
+    out_a, grads_a = outputs_and_grads(plain, ids)
+    out_b, grads_b = outputs_and_grads(optimised, ids)
+    assert zoo.rel_err(out_b, out_a) < 1e-5
+    assert grads_a.keys() == grads_b.keys() and any(k.startswith("attnres.") for k in grads_a)
+    for name in grads_a:
+        assert zoo.rel_err(grads_b[name], grads_a[name]) < 1e-5, name
+
+
+def test_two_phase_removes_stacking_and_shares_inverse_rms() -> None:
+    tmodel = attnres_fx.transform(zoo.llama(), block_size=2)
+    graph = next(iter(tmodel._attnres_graphs.values()))[0].gm.graph
+    targets = [n.target for n in graph.nodes]
+    assert ops.depth_attention not in targets
+    blocks = attnres_fx.plan(tmodel).num_blocks
+    assert targets.count(ops.block_scores) == blocks + 1  # one per block, plus the final aggregation
+    # one inverse RMS per completed block (b_0 .. b_n) and none recomputed per sublayer
+    assert targets.count(ops.inverse_rms) == blocks + 1
