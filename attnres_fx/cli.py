@@ -1,0 +1,71 @@
+"""`attnres-fx inspect`: print the plan attnres_fx would apply to a model, without any download.
+
+    attnres-fx inspect --hf llama                 # tiny config of a transformers model type
+    attnres-fx inspect --hf config.json --meta    # a config file, built on the meta device
+    attnres-fx inspect --timm vit_small_patch16_224
+    attnres-fx inspect --factory my_pkg.models:build --input-shape 2,16,256
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+
+import torch
+from torch import nn
+
+from . import plan, transform
+from .errors import AttnResError
+
+TINY_HF = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+
+
+def build_model(args: argparse.Namespace) -> tuple[nn.Module, tuple | None]:
+    if args.hf:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        if args.hf.endswith(".json"):
+            config = AutoConfig.from_pretrained(args.hf)
+        else:
+            config = AutoConfig.for_model(args.hf, **({} if args.default_config else TINY_HF))
+        return AutoModelForCausalLM.from_config(config), None
+    if args.timm:
+        import timm
+
+        return timm.create_model(args.timm, pretrained=False), None
+    module_name, _, attr = args.factory.partition(":")
+    model = getattr(importlib.import_module(module_name), attr)()
+    if not args.input_shape:
+        return model, None
+    shape = tuple(int(s) for s in args.input_shape.split(","))
+    return model, (torch.randn(shape),)
+
+
+def inspect(args: argparse.Namespace) -> None:
+    device = torch.device("meta") if args.meta else torch.device("cpu")
+    with device:
+        model, example = build_model(args)
+        start = time.perf_counter()
+        tmodel = transform(model, example, num_blocks=args.num_blocks)
+    print(plan(tmodel))
+    print(f"\ntransformed in {time.perf_counter() - start:.1f}s" + (" on the meta device" if args.meta else ""))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="attnres-fx", description="Block AttnRes as a compiler pass.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="print the plan for a model", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf", help="transformers model type (tiny config) or a config.json")
+    source.add_argument("--timm", help="timm model name (random init)")
+    source.add_argument("--factory", help="package.module:function returning an nn.Module")
+    p.add_argument("--input-shape", help="for --factory: shape of one random example input, e.g. 2,16,256")
+    p.add_argument("--default-config", action="store_true", help="with --hf TYPE: the type's full default config")
+    p.add_argument("--meta", action="store_true", help="build on the meta device: no memory for weights")
+    p.add_argument("--num-blocks", type=int, default=8)
+    args = parser.parse_args(argv)
+    try:
+        inspect(args)
+    except AttnResError as exc:
+        parser.exit(2, f"attnres-fx: {exc}\n")

@@ -1,0 +1,167 @@
+"""Baseline vs attnres_fx (plain rewrite, optimised) vs hand-written AttnRes, eager and compiled.
+
+    python -m benchmarks.run --config small            # CPU, a few minutes
+    python -m benchmarks.run --config medium --device cuda
+
+Prints ratios against the compiled baseline measured in the same run (variants interleaved, paired
+medians) and writes JSON under benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+import attnres_fx
+
+from .models import HandWrittenAttnRes, Transformer
+
+CONFIGS = {
+    "tiny": dict(d=64, layers=2, heads=4, vocab=256, batch=2, seq=32),
+    "small": dict(d=256, layers=8, heads=4, vocab=1024, batch=2, seq=256),
+    "medium": dict(d=768, layers=12, heads=12, vocab=8192, batch=2, seq=512),
+    "large": dict(d=2048, layers=24, heads=16, vocab=32000, batch=4, seq=2048),
+}
+
+
+def build(variant: str, cfg: dict, device: str) -> torch.nn.Module:
+    shape = dict(d=cfg["d"], layers=cfg["layers"], heads=cfg["heads"], vocab=cfg["vocab"])
+    torch.manual_seed(0)
+    if variant == "handwritten":
+        return HandWrittenAttnRes(**shape).to(device)
+    model = Transformer(**shape).to(device)
+    if variant == "baseline":
+        return model
+    ids = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]), device=device)
+    return attnres_fx.transform(model, (ids, ids), passes=() if variant == "attnres_fx_plain" else ("two_phase",))
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class Runner:
+    """One variant in one mode: its model, optimizer and compiled callable."""
+
+    def __init__(self, variant: str, compiled: bool, cfg: dict, device: str):
+        self.name = f"{variant} ({'compiled' if compiled else 'eager'})"
+        self.variant, self.compiled, self.device = variant, compiled, device
+        self.model = build(variant, cfg, device)
+        self.call: Callable = torch.compile(self.model) if compiled else self.model
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.ids = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]), device=device)
+
+    def train_step(self) -> float:
+        self.model.train()
+        sync(self.device)
+        start = time.perf_counter()
+        self.call(self.ids, self.ids).backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        sync(self.device)
+        return time.perf_counter() - start
+
+    @torch.no_grad()
+    def infer(self) -> float:
+        self.model.eval()
+        sync(self.device)
+        start = time.perf_counter()
+        self.call(self.ids, self.ids)
+        sync(self.device)
+        return time.perf_counter() - start
+
+    def peak_train_memory(self) -> float | None:
+        if self.device != "cuda":
+            return None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        self.train_step()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def run(config: str, device: str, rounds: int, variants: list[str], eager: bool) -> dict:
+    cfg = CONFIGS[config]
+    runners = [Runner(v, c, cfg, device) for v in variants for c in ((False, True) if eager else (True,))]
+    results: dict[str, dict] = {}
+    for r in runners:
+        first_train = r.train_step()  # compiles the training graph when compiled
+        first_infer = r.infer()
+        results[r.name] = {"compile_s": first_train if r.compiled else None, "first_infer_s": first_infer, "train": [], "infer": []}
+        r.train_step(), r.infer()  # warm-up
+        results[r.name]["peak_train_mib"] = r.peak_train_memory()
+    for _ in range(rounds):  # interleaved, so drift hits every variant alike
+        for r in runners:
+            results[r.name]["train"].append(r.train_step())
+        for r in runners:
+            results[r.name]["infer"].append(r.infer())
+    return {"config": config, "cfg": cfg, "device": device_name(device), "rounds": rounds, "results": results}
+
+
+def paired_ratio(xs: list[float], base: list[float]) -> float:
+    return statistics.median(x / b for x, b in zip(xs, base))
+
+
+def table(report: dict) -> str:
+    res = report["results"]
+    base = res["baseline (compiled)"]
+    rows = []
+    for name, r in res.items():
+        mem = r["peak_train_mib"]
+        rows.append(
+            (
+                name,
+                f"{statistics.median(r['train']) * 1e3:.1f}",
+                f"{paired_ratio(r['train'], base['train']):.3f}",
+                f"{statistics.median(r['infer']) * 1e3:.1f}",
+                f"{paired_ratio(r['infer'], base['infer']):.3f}",
+                "-" if mem is None else f"{mem:.0f}",
+                "-" if mem is None or not base["peak_train_mib"] else f"{mem / base['peak_train_mib']:.3f}",
+                "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}",
+                "-" if r["compile_s"] is None else f"{r['compile_s'] / base['compile_s']:.2f}",
+            )
+        )
+    headers = ["variant", "train ms", "x base", "infer ms", "x base", "peak train MiB", "x base", "compile s", "x base"]
+    return tabulate(rows, headers=headers)
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} thread(s)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=list(CONFIGS), default="small")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (baked into Inductor's kernels)")
+    parser.add_argument("--variants", default="baseline,attnres_fx_plain,attnres_fx,handwritten")
+    parser.add_argument("--no-eager", action="store_true", help="compiled variants only")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    report = run(args.config, args.device, args.rounds, args.variants.split(","), not args.no_eager)
+    report["torch"] = torch.__version__
+    text = table(report)
+    print(f"{args.config} {report['cfg']} on {report['device']}, torch {torch.__version__}, {args.rounds} rounds\n{text}")
+    os.makedirs(args.out, exist_ok=True)
+    path = Path(args.out) / f"{args.config}-{'cuda' if args.device == 'cuda' else 'cpu'}.json"
+    path.write_text(json.dumps(report, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
