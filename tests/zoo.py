@@ -191,21 +191,6 @@ class NoResidual(nn.Module):
         return self.net(x)
 
 
-class RawHiddenOutput(nn.Module):
-    """Pre-norm, but also returns the raw stream (like output_hidden_states)."""
-
-    def __init__(self, d: int = 32, layers: int = 2):
-        super().__init__()
-        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(layers))
-        self.layers = nn.ModuleList(nn.Linear(d, d) for _ in range(layers))
-        self.final = nn.LayerNorm(d)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        for layer, norm in zip(self.layers, self.norms):
-            x = x + layer(norm(x))
-        return self.final(x), x
-
-
 def token_ids(batch: int = BATCH, seq: int = SEQ, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
@@ -240,3 +225,27 @@ def main_output(out: object) -> torch.Tensor:
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest difference relative to the reference's largest magnitude (fp32 parity measure)."""
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+
+class Residual3D(nn.Module):
+    """A minimal hand-written pre-norm model taking a float tensor (for the CLI's --factory)."""
+
+    def __init__(self, d: int = 32, layers: int = 2):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(layers))
+        self.layers = nn.ModuleList(nn.Linear(d, d) for _ in range(layers))
+        self.final = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer, norm in zip(self.layers, self.norms):
+            x = x + layer(norm(x))
+        return self.final(x)
+
+
+class RawHiddenOutput(Residual3D):
+    """Pre-norm, but also returns the raw stream (like output_hidden_states)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for layer, norm in zip(self.layers, self.norms):
+            x = x + layer(norm(x))
+        return self.final(x), x
