@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .capture import CallKey, CapturedGraph, capture, split_inputs, with_capture_defaults
+from .capture import CallKey, CapturedGraph, split_inputs, with_capture_defaults
 from .errors import AttnResError, UnsupportedMethodError
 from .parameters import AttnResParameters
 from .plan import PARAMETER_PREFIX, Plan
@@ -59,10 +59,11 @@ class AttnResModel(nn.Module):
     @torch.compiler.disable
     def _capture(self, key: CallKey, tensors: list[Tensor], optimized: bool) -> CapturedGraph:
         graph = self._attnres_build(self._attnres_original, key, tensors, self.attnres_plan, optimized)
-        self._attnres_graphs.setdefault((key, optimized), []).append(graph)
+        self.add_graph(key, graph, optimized)
         return graph
 
     def add_graph(self, key: CallKey, graph: CapturedGraph, optimized: bool) -> None:
+        """Keep a rewritten graph for calls with this key (and shapes it admits)."""
         self._attnres_graphs.setdefault((key, optimized), []).append(graph)
 
     def __getattr__(self, name: str) -> Any:

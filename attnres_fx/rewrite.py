@@ -49,7 +49,7 @@ def rewrite(captured: CapturedGraph, stream: Stream, plan: Plan) -> None:
             mixed = graph.call_function(ops.depth_attention, (sources, *params[plan_site.index], plan_site.eps))
         mixed.meta["attnres"] = SiteMeta(plan_site.index, len(blocks), partial is not None, plan_site.eps)
         mixed.meta["val"] = site.add.meta["val"]
-        site.add.replace_all_uses_with(mixed, delete_user_cb=lambda user: user is not mixed)
+        site.add.replace_all_uses_with(mixed, delete_user_cb=lambda user, new=mixed: user is not new)
         graph.erase_node(site.add)
     graph.eliminate_dead_code()
     captured.gm.recompile()

@@ -148,10 +148,9 @@ class _StreamFinder:
             if stream not in ancestors:
                 continue
             first_steps = [u for u in self._tensor_readers(stream) if u in ancestors or u is y]
-            if first_steps and all(self.is_norm(u) for u in first_steps):
-                region = self._between(stream, ancestors)
-                return Site(add, stream, y, self._branch_modules(add, region), self._eps_of_readers(stream)), False
             region = self._between(stream, ancestors)
+            if first_steps and all(self.is_norm(u) for u in first_steps):
+                return Site(add, stream, y, self._branch_modules(add, region), self._eps_of_readers(stream)), False
             raw = raw or any(r.target in _MATMUL_OPS for r in region)
         return None, raw
 

@@ -4,9 +4,9 @@ import time
 
 import pytest
 import torch
+import zoo
 
 import attnres_fx
-import zoo
 
 
 @pytest.fixture(scope="module", params=list(zoo.ARCHITECTURES))
@@ -23,7 +23,7 @@ def case(request):
 
 
 def test_finds_every_residual_sublayer(case) -> None:
-    name, _, tmodel, *_, sublayers, _ = case
+    _, _, tmodel, *_, sublayers, _ = case
     tplan = attnres_fx.plan(tmodel)
     assert len(tplan.sites) == sublayers
     assert tplan.sites[0].query is None and all(s.query for s in tplan.sites[1:])

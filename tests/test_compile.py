@@ -1,12 +1,11 @@
 """torch.compile (default Inductor) trains the transformed model: parity with eager."""
 
-import copy
 
 import pytest
 import torch
+import zoo
 
 import attnres_fx
-import zoo
 
 pytestmark = pytest.mark.compile
 

@@ -4,10 +4,10 @@ import io
 
 import pytest
 import torch
+import zoo
 
 import attnres_fx
 from attnres_fx import AttnResError
-import zoo
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_train_and_eval_switch_dropout_like_the_original() -> None:
 
 
 def test_state_dict_keeps_original_keys_and_adds_attnres(llama_pair) -> None:
-    model, tmodel = llama_pair
+    _, tmodel = llama_pair
     original_keys = set(zoo.llama().state_dict())
     keys = set(tmodel.state_dict())
     assert original_keys <= keys
@@ -123,4 +123,4 @@ def test_original_attributes_are_visible_but_bypassing_methods_are_refused(llama
     assert tmodel.config is model.config
     assert not hasattr(tmodel, "generate")
     with pytest.raises(AttnResError, match="without AttnRes"):
-        tmodel.generate
+        _ = tmodel.generate

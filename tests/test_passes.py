@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+import zoo
 
 import attnres_fx
 from attnres_fx import ops
-import zoo
 
 
 def outputs_and_grads(tmodel, ids):

@@ -1,11 +1,11 @@
 """Transformed models equal an independent hand-written Block AttnRes with non-zero queries."""
 
 import pytest
+import reference
 import torch
+import zoo
 
 import attnres_fx
-import reference
-import zoo
 
 CASES = {
     "llama": (zoo.llama, zoo.token_ids, reference.llama_reference),

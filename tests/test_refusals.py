@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+import zoo
 
 import attnres_fx
 from attnres_fx import AttnResError
 from attnres_fx.errors import AlreadyTransformedError, CaptureError, NoResidualStreamError, UnnormalizedReadError
-import zoo
 
 
 def test_post_norm_bert_is_refused() -> None:

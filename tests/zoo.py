@@ -199,9 +199,9 @@ def images(batch: int = BATCH, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-# name -> (factory, example-input builder as (args, kwargs), sublayers per layer, layers, output getter)
+# name -> (factory, example call as (args, kwargs), number of residual sublayers)
 Arch = tuple[Callable[[], nn.Module], Callable[[], tuple[tuple, dict]], int]
-HF_IDS = lambda: ((), {"input_ids": token_ids(), "use_cache": False})  # noqa: E731
+HF_IDS = lambda: ((), {"input_ids": token_ids(), "use_cache": False})
 
 ARCHITECTURES: dict[str, Arch] = {
     "llama": (llama, HF_IDS, 8),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import torch
 from torch.fx import GraphModule, Node
 
 from .. import ops
