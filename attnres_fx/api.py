@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .capture import CallKey, CapturedGraph, capture, split_inputs, with_capture_defaults
+from .capture import CallKey, CapturedGraph, capture, split_inputs, takes_use_cache, with_capture_defaults
 from .errors import AlreadyTransformedError, AttnResError, NoResidualStreamError, UnnormalizedReadError
 from .inputs import ExampleInputs, as_call, default_example_inputs
 from .module import AttnResModel
@@ -56,7 +56,7 @@ def transform(
     if num_blocks < 1 or (block_size is not None and block_size < 1):
         raise AttnResError(f"num_blocks and block_size must be >= 1; got num_blocks={num_blocks}, block_size={block_size}.")
     args, kwargs = as_call(example_inputs) if example_inputs is not None else default_example_inputs(model)
-    key, tensors = split_inputs(args, with_capture_defaults(model, kwargs), model.training)
+    key, tensors = split_inputs(args, with_capture_defaults(kwargs, takes_use_cache(model)), model.training)
     captured = capture(model, key, tensors)
     stream = _checked_stream(captured, model, allow_unnormalized_reads)
     plan = make_plan([s.branch_modules for s in stream.sites], [s.eps for s in stream.sites], stream.final_eps, num_blocks, block_size)

@@ -140,13 +140,17 @@ class _FlatCall(nn.Module):
         return getattr(self, _INNER)(*args, **kwargs)
 
 
-def with_capture_defaults(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Ask for no KV cache where forward takes `use_cache`: a cache object cannot be exported."""
+def takes_use_cache(model: nn.Module) -> bool:
+    """Whether forward takes `use_cache` (HF models): a KV-cache object cannot be exported."""
     try:
-        params = inspect.signature(model.forward).parameters
+        return "use_cache" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
-        return kwargs
-    if "use_cache" in params and "use_cache" not in kwargs:
+        return False
+
+
+def with_capture_defaults(kwargs: dict[str, Any], use_cache_arg: bool) -> dict[str, Any]:
+    """Ask for no KV cache where forward takes `use_cache` and the call did not say."""
+    if use_cache_arg and "use_cache" not in kwargs:
         return {**kwargs, "use_cache": False}
     return kwargs
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .capture import CallKey, CapturedGraph, split_inputs, with_capture_defaults
+from .capture import CallKey, CapturedGraph, split_inputs, takes_use_cache, with_capture_defaults
 from .errors import AttnResError, UnsupportedMethodError
 from .parameters import AttnResParameters
 from .plan import PARAMETER_PREFIX, Plan
@@ -41,6 +41,7 @@ class AttnResModel(nn.Module):
         self.attnres = AttnResParameters(plan, dim, device, dtype)
         object.__setattr__(self, "_attnres_original", original)
         object.__setattr__(self, "_attnres_build", build)
+        self._attnres_use_cache_arg = takes_use_cache(original)  # once, not on the hot path
         self.attnres_plan = plan
         self._attnres_graphs: dict[tuple[CallKey, bool], list[CapturedGraph]] = {}
 
@@ -49,7 +50,7 @@ class AttnResModel(nn.Module):
 
     def run_graph(self, args: tuple, kwargs: dict[str, Any], optimized: bool) -> Any:
         """Run the rewritten graph for this call (the optimised one, or the plain rewrite)."""
-        kwargs = with_capture_defaults(self._attnres_original, kwargs)
+        kwargs = with_capture_defaults(kwargs, self._attnres_use_cache_arg)
         key, tensors = split_inputs(args, kwargs, self.training)
         for graph in self._attnres_graphs.get((key, optimized), ()):
             if graph.admits(tensors):
