@@ -87,7 +87,7 @@ def depth_weights(model: nn.Module, *args: Any, per_token: bool = False, **kwarg
     tplan = plan(model)
     with ops.recording_weights() as record:
         model.run_graph(args, kwargs, optimized=False)
-    names = [s.query.split(".")[1] for s in tplan.parametrised]
+    names = [s.name for s in tplan.parametrised]
     if len(record) != len(names):
         raise AttnResError(f"expected {len(names)} depth-attention sites in the graph, saw {len(record)}.")
     return {n: (w if per_token else w.flatten(1).mean(1)) for n, w in zip(names, record)}

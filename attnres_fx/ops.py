@@ -56,11 +56,12 @@ BlockStats = tuple[Tensor, Tensor, Tensor]  # running max [..., J], sum of exp [
 def block_scores(blocks: list[Tensor], inv_rms: list[Tensor], queries: list[Tensor], key_weights: list[Tensor]) -> BlockStats:
     """Phase 1: score the J sublayers of a block against all completed blocks at once (fp32)."""
     w = torch.stack([q.float() * g.float() for q, g in zip(queries, key_weights)])  # [J, d]
-    logits = [(b.float().unsqueeze(-2) * w).sum(-1) * r for b, r in zip(blocks, inv_rms)]  # [..., J] each
+    values = [b.float().unsqueeze(-2) for b in blocks]  # [..., 1, d] each, converted once
+    logits = [(v * w).sum(-1) * r for v, r in zip(values, inv_rms)]  # [..., J] each
     m = functools.reduce(torch.maximum, logits)
     exps = [torch.exp(x - m) for x in logits]
     denom = functools.reduce(torch.add, exps)
-    weighted = functools.reduce(torch.add, (e.unsqueeze(-1) * b.float().unsqueeze(-2) for e, b in zip(exps, blocks)))
+    weighted = functools.reduce(torch.add, (e.unsqueeze(-1) * v for e, v in zip(exps, values)))
     return m, denom, weighted
 
 

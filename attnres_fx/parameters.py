@@ -16,12 +16,6 @@ class SiteParameters(nn.Module):
         self.query = nn.Parameter(torch.zeros(dim, device=device, dtype=dtype))
         self.key_weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
-    def reset_parameters(self) -> None:
-        """Back to the function-preserving init (used after meta-device materialisation)."""
-        with torch.no_grad():
-            self.query.zero_()
-            self.key_weight.fill_(1.0)
-
 
 class AttnResParameters(nn.Module):
     """Holds every SiteParameters under the names the plan gives (`site_3`, `final`)."""
@@ -29,4 +23,4 @@ class AttnResParameters(nn.Module):
     def __init__(self, plan: Plan, dim: int, device: torch.device, dtype: torch.dtype):
         super().__init__()
         for site in plan.parametrised:
-            self.add_module(site.query.split(".")[1], SiteParameters(dim, device, dtype))
+            self.add_module(site.name, SiteParameters(dim, device, dtype))

@@ -22,6 +22,11 @@ class PlanSite:
     key_weight: str | None
     eps: float
 
+    @property
+    def name(self) -> str:
+        """`site_<j>` or `final`: the submodule of `attnres` holding this site's parameters."""
+        return site_name(self.index, self.branch)
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -48,6 +53,10 @@ class Plan:
         return head + tabulate(rows, headers=["site", "block", "branch", "sources", "query", "key norm weight"])
 
 
+def site_name(j: int, branch: tuple[str, ...]) -> str:
+    return f"site_{j}" if branch else "final"
+
+
 def num_sources(j: int, block_size: int) -> int:
     """Sources read by sublayer j: the stream start, the completed blocks, the partial sum if any."""
     return 1 + j // block_size + (1 if j % block_size else 0)
@@ -60,7 +69,7 @@ def make_plan(branches: list[tuple[str, ...]], eps: list[float], final_eps: floa
 
     def site(j: int, branch: tuple[str, ...], e: float) -> PlanSite:
         n = num_sources(j, size)
-        name = "final" if not branch else f"site_{j}"
+        name = site_name(j, branch)
         has_params = n > 1
         return PlanSite(
             index=j,

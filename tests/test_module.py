@@ -109,9 +109,9 @@ def test_depth_weights_are_uniform_at_init_and_per_token_on_request(llama_pair) 
     ids = zoo.token_ids()
     weights = attnres_fx.depth_weights(tmodel, input_ids=ids)
     tplan = attnres_fx.plan(tmodel)
-    assert list(weights) == [s.query.split(".")[1] for s in tplan.parametrised]
+    assert list(weights) == [f"site_{s.index}" for s in tplan.sites[1:]] + ["final"]
     for site in tplan.parametrised:
-        w = weights[site.query.split(".")[1]]
+        w = weights[site.name]
         assert w.shape == (site.num_sources,)
         torch.testing.assert_close(w, torch.full_like(w, 1 / site.num_sources))
     per_token = attnres_fx.depth_weights(tmodel, input_ids=ids, per_token=True)
