@@ -6,6 +6,7 @@ transform = capture -> find the stream -> plan blocks -> rewrite -> graph passes
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,7 +14,15 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .capture import CallKey, CapturedGraph, capture, split_inputs, takes_use_cache, with_capture_defaults
+from .capture import (
+    CallKey,
+    CapturedGraph,
+    capture,
+    split_inputs,
+    takes_use_cache,
+    use_capturable_experts,
+    with_capture_defaults,
+)
 from .errors import AlreadyTransformedError, AttnResError, NoResidualStreamError, UnnormalizedReadError
 from .inputs import ExampleInputs, as_call, default_example_inputs
 from .module import AttnResModel
@@ -57,9 +66,13 @@ def transform(
         raise AttnResError(f"num_blocks and block_size must be >= 1; got num_blocks={num_blocks}, block_size={block_size}.")
     args, kwargs = as_call(example_inputs) if example_inputs is not None else default_example_inputs(model)
     key, tensors = split_inputs(args, with_capture_defaults(kwargs, takes_use_cache(model)), model.training)
+    _report(use_capturable_experts(model))
     captured = capture(model, key, tensors)
     stream = _checked_stream(captured, model, allow_unnormalized_reads)
-    plan = make_plan([s.branch_modules for s in stream.sites], [s.eps for s in stream.sites], stream.final_eps, num_blocks, block_size)
+    opaque = tuple(c.path for c in captured.opaque)
+    branches, eps = [s.branch_modules for s in stream.sites], [s.eps for s in stream.sites]
+    plan = make_plan(branches, eps, stream.final_eps, num_blocks, block_size, opaque)
+    _report(_opaque_message(type(model).__name__, opaque))
     _rewrite_and_optimise(captured, stream, plan, passes)
     start = stream.start.meta["val"]
     device = next((p.device for p in model.parameters()), start.device)
@@ -84,13 +97,18 @@ def depth_weights(model: nn.Module, *args: Any, per_token: bool = False, **kwarg
     (averaged over tokens) or, with `per_token=True`, [num_sources, *token dims]. The sources are
     ordered as in the paper: stream start, completed blocks, partial sum.
     """
-    tplan = plan(model)
-    with ops.recording_weights() as record:
+    records = site_records(model, args, kwargs)
+    return {name: (r.weights if per_token else r.weights.flatten(1).mean(1)) for name, r in records.items()}
+
+
+def site_records(model: AttnResModel, args: tuple, kwargs: dict[str, Any]) -> dict[str, ops.SiteRecord]:
+    """Run the plain rewritten graph once and return what each parametrised site computed, by name."""
+    names = [s.name for s in plan(model).parametrised]
+    with ops.recording() as records:
         model.run_graph(args, kwargs, optimized=False)
-    names = [s.name for s in tplan.parametrised]
-    if len(record) != len(names):
-        raise AttnResError(f"expected {len(names)} depth-attention sites in the graph, saw {len(record)}.")
-    return {n: (w if per_token else w.flatten(1).mean(1)) for n, w in zip(names, record)}
+    if len(records) != len(names):
+        raise AttnResError(f"expected {len(names)} depth-attention sites in the graph, saw {len(records)}.")
+    return dict(zip(names, records))
 
 
 # --- pipeline stages -------------------------------------------------------------------------------
@@ -154,6 +172,21 @@ def _no_stream_message(name: str, stream: Stream) -> str:
         "rewrite. attnres_fx transforms pre-norm residual models (transformers, ViTs, MLP-mixers...); check that "
         "the example inputs run the layers you expect."
     )
+
+
+def _opaque_message(name: str, paths: tuple[str, ...]) -> str | None:
+    if not paths:
+        return None
+    return (
+        f"{name}: torch.export could not trace inside {len(paths)} submodules ({', '.join(paths[:3])}"
+        f"{', ...' if len(paths) > 3 else ''}), typically data-dependent routing; they run behind an opaque custom "
+        "op (exact forward and backward, recomputed in the backward) and torch.compile cannot fuse inside them."
+    )
+
+
+def _report(message: str | None) -> None:
+    if message:
+        warnings.warn(f"attnres_fx: {message}", stacklevel=3)
 
 
 def _concrete(size: int | torch.SymInt) -> int:

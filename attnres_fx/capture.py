@@ -7,7 +7,10 @@ materialisation and parameter sharding never leave the graph holding stale copie
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
+import sys
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +21,7 @@ from torch.export import Dim
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
+from . import opaque
 from .errors import CaptureError
 
 _INNER = "inner"  # attribute under which the adapter holds the user's model
@@ -34,15 +38,21 @@ class CallKey:
 
 @dataclass(frozen=True)
 class TensorGuard:
-    """The dtype, rank and static dims that a captured graph requires of one tensor input."""
+    """The device, dtype, rank and static dims that a captured graph requires of one tensor input.
 
+    The device matters because export bakes it into the graph (`arange(device=...)`, device-specific
+    code paths): a model moved to another device, or built on meta and materialised, is re-captured.
+    """
+
+    device: torch.device
     dtype: torch.dtype
     ndim: int
     static_dims: tuple[tuple[int, int], ...]
 
     def admits(self, t: Tensor) -> bool:
         return (
-            t.dtype == self.dtype
+            t.device == self.device
+            and t.dtype == self.dtype
             and t.dim() == self.ndim
             and all(t.shape[i] == size for i, size in self.static_dims)
         )
@@ -66,6 +76,7 @@ class CapturedGraph:
     out_spec: TreeSpec
     output_kinds: list[tuple[str, str | int | None]]  # ("output", None) / ("buffer", fqn) / ("input", idx)
     constants: dict[str, Tensor] = field(default_factory=dict)
+    opaque: list[opaque.OpaqueCall] = field(default_factory=list)  # kept alive as long as the graph calls them
 
     def admits(self, tensors: list[Tensor]) -> bool:
         return len(tensors) == len(self.guards) and all(g.admits(t) for g, t in zip(self.guards, tensors))
@@ -155,17 +166,84 @@ def with_capture_defaults(kwargs: dict[str, Any], use_cache_arg: bool) -> dict[s
     return kwargs
 
 
+_MAX_OPAQUE_TYPES = 4
+_CAPTURABLE_EXPERTS = "grouped_mm"
+
+
+def use_capturable_experts(model: nn.Module) -> str | None:
+    """Switch HF MoE experts from the per-expert Python loop (`eager`, which no capture can trace) to
+    the numerically equivalent `grouped_mm`; returns what was done, for the user, or None."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_experts_implementation", None) != "eager" or not hasattr(model, "set_experts_implementation"):
+        return None
+    model.set_experts_implementation(_CAPTURABLE_EXPERTS)
+    return (
+        f"{type(model).__name__} used the `eager` experts loop, whose data-dependent shapes no capture can trace; "
+        f"switched it to `{_CAPTURABLE_EXPERTS}` (same function, one grouped matmul per projection). Build the model "
+        f"with experts_implementation='{_CAPTURABLE_EXPERTS}' to silence this."
+    )
+
+
 def capture(model: nn.Module, key: CallKey, tensors: list[Tensor]) -> CapturedGraph:
-    """Export `model` for calls like the given one, with every tensor dim dynamic where it can be."""
+    """Export `model` for calls like the given one, with every tensor dim dynamic where it can be.
+
+    Where export fails inside a submodule, every module of that type is kept opaque (see
+    `opaque.py`) and export runs again.
+    """
     adapter = _FlatCall(model, key)
     adapter.train(key.training)
-    dynamic = tuple({i: Dim.AUTO for i in range(t.dim())} for t in tensors)
-    try:
-        ep = torch.export.export(adapter, tuple(tensors), dynamic_shapes=(dynamic,), strict=False)
-    except Exception as exc:  # export raises many types; all mean "cannot capture"
-        raise _capture_error(adapter, tensors, exc) from exc
+    opaque_types: list[type] = []
+    calls: list[opaque.OpaqueCall] = []
+    while True:
+        try:
+            ep = _export(adapter, tensors, calls)
+            break
+        except _ExportFailed as failed:
+            exc = failed.__cause__
+            failing = _failing_submodule(model, exc)
+            if failing is None or type(failing) in opaque_types or len(opaque_types) == _MAX_OPAQUE_TYPES:
+                sys.stderr.write(failed.log)
+                raise _capture_error(adapter, tensors, exc) from exc
+            opaque_types.append(type(failing))
+            modules = [m for m in model.modules() if type(m) in opaque_types]
+            calls = opaque.record_calls(lambda: adapter(*tensors), model, modules)
     _strip_prefix_from_module_stacks(ep.graph_module)
-    return _captured_graph(ep)
+    graph = _captured_graph(ep)
+    graph.opaque = calls
+    return graph
+
+
+class _ExportFailed(Exception):
+    def __init__(self, log: str):
+        self.log = log  # what export printed (its partial graph): shown only if the failure is final
+
+
+def _export(adapter: _FlatCall, tensors: list[Tensor], calls: list[opaque.OpaqueCall]) -> torch.export.ExportedProgram:
+    dynamic = tuple({i: Dim.AUTO for i in range(t.dim())} for t in tensors)
+    printed = io.StringIO()
+    try:
+        with opaque.calling_through_ops(calls), contextlib.redirect_stderr(printed):
+            ep = torch.export.export(adapter, tuple(tensors), dynamic_shapes=(dynamic,), strict=False)
+    except Exception as exc:  # export raises many types; all mean "cannot capture"
+        raise _ExportFailed(printed.getvalue()) from exc
+    sys.stderr.write(printed.getvalue())
+    return ep
+
+
+def _failing_submodule(model: nn.Module, exc: BaseException) -> nn.Module | None:
+    """The innermost submodule of `model` whose forward was running when export failed."""
+    members = {id(m) for m in model.modules()} - {id(model)}
+    found = None
+    for error in (exc, exc.__cause__, exc.__context__):
+        tb = error.__traceback__ if error is not None else None
+        while tb is not None:
+            owner = tb.tb_frame.f_locals.get("self")
+            if tb.tb_frame.f_code.co_name == "forward" and id(owner) in members:
+                found = owner
+            tb = tb.tb_next
+        if found is not None:
+            return found
+    return None
 
 
 def _captured_graph(ep: torch.export.ExportedProgram) -> CapturedGraph:
@@ -202,7 +280,7 @@ def _captured_graph(ep: torch.export.ExportedProgram) -> CapturedGraph:
 
 def _guard(val: Tensor) -> TensorGuard:
     static = tuple((i, int(s)) for i, s in enumerate(val.shape) if not isinstance(s, torch.SymInt))
-    return TensorGuard(val.dtype, val.dim(), static)
+    return TensorGuard(val.device, val.dtype, val.dim(), static)
 
 
 def _strip(path: str) -> str:

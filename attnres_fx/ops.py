@@ -10,12 +10,23 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-# Set by `recording_weights()`; the plain op appends each site's softmax weights to it.
-_weights_record: list[Tensor] | None = None
+
+@dataclass(frozen=True)
+class SiteRecord:
+    """What one depth-attention site computed, for analysis (`attnres_fx.depth_weights`, the demo)."""
+
+    weights: Tensor  # [num_sources, *token dims], fp32
+    sources: list[Tensor]  # stream start, completed blocks, partial sum (the last source is always the
+    # running sum of the current or just-completed block)
+
+
+# Set by `recording()`; the plain op appends a SiteRecord for each site it computes.
+_record: list[SiteRecord] | None = None
 
 
 def inverse_rms(x: Tensor, eps: float) -> Tensor:
@@ -32,20 +43,20 @@ def depth_attention(sources: list[Tensor], query: Tensor, key_weight: Tensor, ep
     values = torch.stack(sources).float()
     keys = values * inverse_rms(values, eps) * key_weight.float()
     weights = (keys * query.float()).sum(-1).softmax(0)
-    if _weights_record is not None:
-        _weights_record.append(weights.detach())
+    if _record is not None:
+        _record.append(SiteRecord(weights.detach(), [s.detach() for s in sources]))
     return (weights.unsqueeze(-1) * values).sum(0).to(sources[0].dtype)
 
 
 @contextlib.contextmanager
-def recording_weights() -> Iterator[list[Tensor]]:
-    """Collect the softmax weights of every `depth_attention` call made inside the block."""
-    global _weights_record
-    previous, _weights_record = _weights_record, []
+def recording() -> Iterator[list[SiteRecord]]:
+    """Collect a SiteRecord for every `depth_attention` call made inside the block."""
+    global _record
+    previous, _record = _record, []
     try:
-        yield _weights_record
+        yield _record
     finally:
-        _weights_record = previous
+        _record = previous
 
 
 # --- two-phase form (attnres_fx.passes.two_phase) ------------------------------------------------

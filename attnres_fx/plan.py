@@ -35,6 +35,7 @@ class Plan:
     sites: tuple[PlanSite, ...]
     final: PlanSite
     block_size: int
+    opaque: tuple[str, ...] = ()  # submodules run behind a custom op (export failed inside them)
 
     @property
     def num_blocks(self) -> int:
@@ -50,6 +51,8 @@ class Plan:
             for s in (*self.sites, self.final)
         ]
         head = f"Block AttnRes: {len(self.sites)} sublayers, block_size {self.block_size}, {self.num_blocks} blocks\n"
+        if self.opaque:
+            head += f"kept opaque (export failed inside; run behind a custom op): {', '.join(self.opaque)}\n"
         return head + tabulate(rows, headers=["site", "block", "branch", "sources", "query", "key norm weight"])
 
 
@@ -62,7 +65,9 @@ def num_sources(j: int, block_size: int) -> int:
     return 1 + j // block_size + (1 if j % block_size else 0)
 
 
-def make_plan(branches: list[tuple[str, ...]], eps: list[float], final_eps: float, num_blocks: int, block_size: int | None) -> Plan:
+def make_plan(
+    branches: list[tuple[str, ...]], eps: list[float], final_eps: float, num_blocks: int, block_size: int | None, opaque: tuple[str, ...] = ()
+) -> Plan:
     """Assign each of the sublayers (given by their branch modules) to blocks."""
     count = len(branches)
     size = block_size or max(1, math.ceil(count / num_blocks))
@@ -82,4 +87,4 @@ def make_plan(branches: list[tuple[str, ...]], eps: list[float], final_eps: floa
         )
 
     sites = tuple(site(j, b, e) for j, (b, e) in enumerate(zip(branches, eps)))
-    return Plan(sites, site(count, (), final_eps), size)
+    return Plan(sites, site(count, (), final_eps), size, opaque)

@@ -22,8 +22,9 @@ import torch
 from tabulate import tabulate
 
 import attnres_fx
+from attnres_fx.demo.model import Transformer
 
-from .models import HandWrittenAttnRes, Transformer
+from .models import HandWrittenAttnRes
 
 CONFIGS = {
     "tiny": dict(d=64, layers=2, heads=4, vocab=256, batch=2, seq=32),

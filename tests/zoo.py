@@ -107,6 +107,85 @@ def kimi_linear() -> nn.Module:
     )
 
 
+def deepseek_v3() -> nn.Module:
+    """Dense first layer, then routed + shared experts; MLA attention."""
+    return hf_causal_lm(
+        "deepseek_v3",
+        num_key_value_heads=4,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        kv_lora_rank=32,
+        q_lora_rank=48,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+    )
+
+
+def olmoe() -> nn.Module:
+    return hf_causal_lm("olmoe", num_experts=4, num_experts_per_tok=2)
+
+
+class LoopMoE(nn.Module):
+    """MoE as people write it by hand: a Python loop over experts with data-dependent token sets."""
+
+    def __init__(self, d: int, experts: int = 4, top_k: int = 2):
+        super().__init__()
+        self.top_k = top_k
+        self.router = nn.Linear(d, experts, bias=False)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(d, 2 * d), nn.SiLU(), nn.Linear(2 * d, d)) for _ in range(experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        weights, chosen = self.router(flat).softmax(-1).topk(self.top_k, dim=-1)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            if token.numel() == 0:  # data-dependent control flow: no capture can trace this
+                continue
+            out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
+        return out.view_as(x)
+
+
+class LoopMoEBlock(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(d)
+        self.attn = nn.MultiheadAttention(d, 4, batch_first=True)
+        self.moe_norm = nn.RMSNorm(d)
+        self.moe = LoopMoE(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.attn_norm(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.moe(self.moe_norm(x))
+
+
+class LoopMoEModel(nn.Module):
+    def __init__(self, d: int = 32, layers: int = 3, vocab: int = VOCAB):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(LoopMoEBlock(d) for _ in range(layers))
+        self.norm = nn.RMSNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+def loop_moe() -> nn.Module:
+    torch.manual_seed(0)
+    return unit_scale_(LoopMoEModel()).eval()
+
+
 def bert() -> nn.Module:
     from transformers import BertConfig, BertModel
 
@@ -212,9 +291,15 @@ ARCHITECTURES: dict[str, Arch] = {
     "mixtral": (mixtral, HF_IDS, 8),
     "qwen2_moe": (qwen2_moe, HF_IDS, 8),
     "kimi_linear": (kimi_linear, HF_IDS, 8),
+    "deepseek_v3": (deepseek_v3, HF_IDS, 8),
+    "olmoe": (olmoe, HF_IDS, 8),
+    "loop_moe": (loop_moe, lambda: ((token_ids(),), {}), 6),
     "vit": (vit, lambda: ((images(),), {}), 8),
     "nanogpt_inplace": (nanogpt, lambda: ((token_ids(),), {}), 8),
 }
+
+
+MOE = ("mixtral", "qwen2_moe", "deepseek_v3", "olmoe", "kimi_linear", "loop_moe")
 
 
 def main_output(out: object) -> torch.Tensor:
