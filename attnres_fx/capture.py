@@ -176,7 +176,10 @@ def use_capturable_experts(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     if getattr(config, "_experts_implementation", None) != "eager" or not hasattr(model, "set_experts_implementation"):
         return None
-    model.set_experts_implementation(_CAPTURABLE_EXPERTS)
+    try:
+        model.set_experts_implementation(_CAPTURABLE_EXPERTS)
+    except ValueError:  # transformers' answer for models without switchable experts (all dense ones)
+        return None
     return (
         f"{type(model).__name__} used the `eager` experts loop, whose data-dependent shapes no capture can trace; "
         f"switched it to `{_CAPTURABLE_EXPERTS}` (same function, one grouped matmul per projection). Build the model "
