@@ -209,7 +209,12 @@ def capture(model: nn.Module, key: CallKey, tensors: list[Tensor]) -> CapturedGr
                 raise _capture_error(adapter, tensors, exc) from exc
             opaque_types.append(type(failing))
             modules = [m for m in model.modules() if type(m) in opaque_types]
-            calls = opaque.record_calls(lambda: adapter(*tensors), model, modules)
+            try:
+                calls = opaque.record_calls(lambda: adapter(*tensors), model, modules)
+            except CaptureError:  # the module cannot be kept opaque either: that error says why
+                raise
+            except Exception:  # the model does not even run the example eagerly
+                raise _capture_error(adapter, tensors, exc) from exc
     _strip_prefix_from_module_stacks(ep.graph_module)
     graph = _captured_graph(ep)
     graph.opaque = calls
