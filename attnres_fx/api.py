@@ -141,7 +141,9 @@ def _checked_stream(captured: CapturedGraph, model: nn.Module, allow_unnormalize
     name = type(model).__name__
     stream = find_stream(captured.gm.graph)
     if not stream.sites:
-        raise NoResidualStreamError(_no_stream_message(name, stream))
+        opaque = [c.path for c in captured.opaque]
+        hidden = f" Note: export failed inside {', '.join(opaque[:3])}, which were kept opaque, so their insides were not searched." if opaque else ""
+        raise NoResidualStreamError(_no_stream_message(name, stream) + hidden)
     if stream.unnormalized_reads and not allow_unnormalized_reads:
         first = stream.unnormalized_reads[:3]
         where = "; ".join(f"stream value {r.stream_index} read by `{r.reader.target}` in `{r.module or name}`" for r in first)

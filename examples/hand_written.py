@@ -6,6 +6,8 @@ A hand-written model needs one example call (`transform(model, (x,))`); everythi
 as for library models.
 """
 
+import argparse
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,6 +42,9 @@ class Mixer(nn.Module):
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=100)
+    args = parser.parse_args()
     torch.manual_seed(0)
     model = Mixer()
     x = torch.randn(32, 16, 12)
@@ -52,12 +57,12 @@ def main() -> None:
         diff = (model(x) - before).abs().max() / before.abs().max()
     print(f"fresh transform vs original: max relative difference {diff:.1e} (zero queries preserve the function)")
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(1, 101):
+    for step in range(1, args.steps + 1):
         loss = F.cross_entropy(model(x), target)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        if step in (1, 25, 50, 100):
+        if step in (1, 25, 50, args.steps):
             print(f"step {step:3d}  loss {loss.item():.3f}")
     for site, w in attnres_fx.depth_weights(model, x).items():
         print(f"{site:>8}: " + " ".join(f"{v:.2f}" for v in w.tolist()))
