@@ -69,10 +69,9 @@ def transform(
     _report(use_capturable_experts(model))
     captured = capture(model, key, tensors)
     stream = _checked_stream(captured, model, allow_unnormalized_reads)
-    opaque = tuple(c.path for c in captured.opaque)
     branches, eps = [s.branch_modules for s in stream.sites], [s.eps for s in stream.sites]
-    plan = make_plan(branches, eps, stream.final_eps, num_blocks, block_size, opaque)
-    _report(_opaque_message(type(model).__name__, opaque))
+    plan = make_plan(branches, eps, stream.final_eps, num_blocks, block_size, captured.opaque_paths)
+    _report(_opaque_message(type(model).__name__, captured.opaque_paths))
     _rewrite_and_optimise(captured, stream, plan, passes)
     start = stream.start.meta["val"]
     device = next((p.device for p in model.parameters()), start.device)
@@ -141,7 +140,7 @@ def _checked_stream(captured: CapturedGraph, model: nn.Module, allow_unnormalize
     name = type(model).__name__
     stream = find_stream(captured.gm.graph)
     if not stream.sites:
-        opaque = [c.path for c in captured.opaque]
+        opaque = captured.opaque_paths
         hidden = f" Note: export failed inside {', '.join(opaque[:3])}, which were kept opaque, so their insides were not searched." if opaque else ""
         raise NoResidualStreamError(_no_stream_message(name, stream) + hidden)
     if stream.unnormalized_reads and not allow_unnormalized_reads:

@@ -78,6 +78,10 @@ class CapturedGraph:
     constants: dict[str, Tensor] = field(default_factory=dict)
     opaque: list[opaque.OpaqueCall] = field(default_factory=list)  # kept alive as long as the graph calls them
 
+    @property
+    def opaque_paths(self) -> tuple[str, ...]:
+        return tuple(c.path for c in self.opaque)
+
     def admits(self, tensors: list[Tensor]) -> bool:
         return len(tensors) == len(self.guards) and all(g.admits(t) for g, t in zip(self.guards, tensors))
 

@@ -6,8 +6,18 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Every transformed model's forward is one more entry in Dynamo's cache for AttnResModel.forward; past
+# the recompile limit Dynamo would silently run eagerly and a compiled-vs-eager test would pass
+# without compiling. Make that an error, and start each compile test from an empty cache.
+torch._dynamo.config.fail_on_recompile_limit_hit = True
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo(request):
+    if request.node.get_closest_marker("compile"):
+        torch._dynamo.reset()

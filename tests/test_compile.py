@@ -30,7 +30,7 @@ ARCHS = [pytest.param(a, marks=SAME_AS_LLAMA) if a in ("qwen3", "mistral") else 
 def test_compiled_training_step_matches_eager(arch: str) -> None:
     factory, make_call, _ = zoo.ARCHITECTURES[arch]
     args, kwargs = make_call()
-    tmodel = attnres_fx.transform(factory(), args or kwargs, block_size=2)
+    tmodel = attnres_fx.transform(factory(layers=zoo.COMPILE_LAYERS), args or kwargs, block_size=2)
     with torch.no_grad():
         for p in tmodel.attnres.parameters():
             p.normal_(std=0.3)

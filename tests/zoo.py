@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 VOCAB = 128
+COMPILE_LAYERS = 2  # for torch.compile tests: Inductor's C++ build grows with the graph; 4 sublayers, 2 blocks
 SEQ = 16
 BATCH = 2
 
@@ -56,47 +57,48 @@ def hf_causal_lm(model_type: str, **overrides) -> nn.Module:
     return unit_scale_(model).eval()
 
 
-def llama() -> nn.Module:
-    return hf_causal_lm("llama")
+def llama(layers: int = 4) -> nn.Module:
+    return hf_causal_lm("llama", num_hidden_layers=layers)
 
 
-def qwen3() -> nn.Module:
-    return hf_causal_lm("qwen3", head_dim=16)
+def qwen3(layers: int = 4) -> nn.Module:
+    return hf_causal_lm("qwen3", num_hidden_layers=layers, head_dim=16)
 
 
-def mistral() -> nn.Module:
-    return hf_causal_lm("mistral", sliding_window=None)
+def mistral(layers: int = 4) -> nn.Module:
+    return hf_causal_lm("mistral", num_hidden_layers=layers, sliding_window=None)
 
 
-def gpt2() -> nn.Module:
-    return hf_causal_lm("gpt2", n_embd=64, n_layer=4, n_head=4, n_positions=64, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+def gpt2(layers: int = 4) -> nn.Module:
+    return hf_causal_lm("gpt2", n_embd=64, n_layer=layers, n_head=4, n_positions=64, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
 
 
-def gpt_neox() -> nn.Module:
-    return hf_causal_lm("gpt_neox", use_parallel_residual=True, rotary_pct=0.5, hidden_dropout=0.0)
+def gpt_neox(layers: int = 4) -> nn.Module:
+    return hf_causal_lm("gpt_neox", num_hidden_layers=layers, use_parallel_residual=True, rotary_pct=0.5, hidden_dropout=0.0)
 
 
-def mixtral() -> nn.Module:
-    return hf_causal_lm("mixtral", num_local_experts=4, num_experts_per_tok=2)
+def mixtral(layers: int = 4) -> nn.Module:
+    return hf_causal_lm("mixtral", num_hidden_layers=layers, num_local_experts=4, num_experts_per_tok=2)
 
 
-def qwen2_moe() -> nn.Module:
+def qwen2_moe(layers: int = 4) -> nn.Module:
     return hf_causal_lm(
-        "qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64, decoder_sparse_step=1
+        "qwen2_moe", num_hidden_layers=layers, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64, decoder_sparse_step=1
     )
 
 
-def kimi_linear() -> nn.Module:
+def kimi_linear(layers: int = 4) -> nn.Module:
     return hf_causal_lm(
         "kimi_linear",
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=4,
         num_experts=4,
         num_experts_per_token=2,
         moe_intermediate_size=64,
         num_shared_experts=1,
-        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
-        mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+        layer_types=(["linear_attention", "full_attention"] * layers)[:layers],
+        mlp_layer_types=["dense"] + ["sparse"] * (layers - 1),
         linear_num_heads=4,
         linear_head_dim=16,
         kv_lora_rank=32,
@@ -107,10 +109,11 @@ def kimi_linear() -> nn.Module:
     )
 
 
-def deepseek_v3() -> nn.Module:
+def deepseek_v3(layers: int = 4) -> nn.Module:
     """Dense first layer, then routed + shared experts; MLA attention."""
     return hf_causal_lm(
         "deepseek_v3",
+        num_hidden_layers=layers,
         num_key_value_heads=4,
         n_routed_experts=4,
         num_experts_per_tok=2,
@@ -127,8 +130,8 @@ def deepseek_v3() -> nn.Module:
     )
 
 
-def olmoe() -> nn.Module:
-    return hf_causal_lm("olmoe", num_experts=4, num_experts_per_tok=2)
+def olmoe(layers: int = 4) -> nn.Module:
+    return hf_causal_lm("olmoe", num_hidden_layers=layers, num_experts=4, num_experts_per_tok=2)
 
 
 class LoopMoE(nn.Module):
@@ -181,9 +184,9 @@ class LoopMoEModel(nn.Module):
         return self.head(self.norm(x))
 
 
-def loop_moe() -> nn.Module:
+def loop_moe(layers: int = 3) -> nn.Module:
     torch.manual_seed(0)
-    return unit_scale_(LoopMoEModel()).eval()
+    return unit_scale_(LoopMoEModel(layers=layers)).eval()
 
 
 def bert() -> nn.Module:
@@ -194,12 +197,12 @@ def bert() -> nn.Module:
     return BertModel(cfg).eval()
 
 
-def vit() -> nn.Module:
+def vit(layers: int = 4) -> nn.Module:
     import timm
 
     torch.manual_seed(0)
     model = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4, num_classes=10,
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64, depth=layers, num_heads=4, num_classes=10,
         drop_path_rate=0.1, init_values=0.5,
     )
     return unit_scale_(model).eval()
@@ -239,9 +242,9 @@ class NanoGPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
-def nanogpt() -> nn.Module:
+def nanogpt(layers: int = 4) -> nn.Module:
     torch.manual_seed(0)
-    return unit_scale_(NanoGPT()).eval()
+    return unit_scale_(NanoGPT(layers=layers)).eval()
 
 
 class NormAfterBranch(nn.Module):
@@ -278,7 +281,7 @@ def images(batch: int = BATCH, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-# name -> (factory, example call as (args, kwargs), number of residual sublayers)
+# name -> (factory taking `layers`, example call as (args, kwargs), residual sublayers at the default depth)
 Arch = tuple[Callable[[], nn.Module], Callable[[], tuple[tuple, dict]], int]
 HF_IDS = lambda: ((), {"input_ids": token_ids(), "use_cache": False})
 
