@@ -67,9 +67,21 @@ def demo(args: argparse.Namespace) -> None:
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     defaults = DemoConfig()
     p = sub.add_parser("demo", help="train a byte-level LM, baseline vs AttnRes, and plot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name in ("width", "layers", "heads", "num_blocks", "seq_len", "batch_size", "steps", "eval_every", "seed"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    p.add_argument("--lr", type=float, default=defaults.lr)
+    sizes = {
+        "width": "model width",
+        "layers": "transformer layers (2 residual sublayers each)",
+        "heads": "attention heads",
+        "num_blocks": "AttnRes blocks",
+        "seq_len": "bytes per training sequence",
+        "batch_size": "sequences per step",
+        "steps": "optimizer steps, the same for both models",
+        "eval_every": "steps between validation evaluations",
+        "seed": "seed of the initial weights and of the batches",
+    }
+    for name, what in sizes.items():
+        default = getattr(defaults, name)
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help=f"{what} (default {default})")
+    p.add_argument("--lr", type=float, default=defaults.lr, help=f"peak learning rate (default {defaults.lr})")
     p.add_argument("--compile", action="store_true", help="train both with torch.compile (adds minutes of compilation)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads")
     p.add_argument("--out", default="attnres_demo", help="folder for the plots and results.json")
