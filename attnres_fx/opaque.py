@@ -134,12 +134,10 @@ def _setup_context(ctx: Any, inputs: tuple, output: list[Tensor]) -> None:
 
 
 def _backward(ctx: Any, grads: list[Tensor | None]) -> tuple:
-    saved = ctx.saved_tensors
+    saved, call = ctx.saved_tensors, _CALLS[ctx.handle]
     ins, state = list(saved[: ctx.num_inputs]), list(saved[ctx.num_inputs :])
-    shapes = _CALLS[ctx.handle].out_shapes
-    grads = [g if g is not None else s.empty(ins[0]).zero_() for g, s in zip(grads, shapes)]
+    grads = [g if g is not None else s.empty(ins[0]).zero_() for g, s in zip(grads, call.out_shapes)]
     result = torch.ops.attnres_fx.opaque_backward(ctx.handle, ins, state, grads)
-    call = _CALLS[ctx.handle]
     in_grads = [g if x.is_floating_point() else None for g, x in zip(result, ins)]
     state_grads = [g if t else None for g, t in zip(result[ctx.num_inputs :], call.trainable)]
     return None, in_grads, state_grads
