@@ -32,4 +32,7 @@ def test_checkpoint_conversion_continues_without_a_spike() -> None:
 
 def test_moe_training_example_prints_both_curves() -> None:
     out = run_example("moe_training.py", "--steps", "4")
-    assert "kept opaque" not in out and "baseline loss" in out and "attnres loss" in out
+    assert "Block AttnRes: 12 sublayers" in out and "kept opaque" not in out  # grouped_mm experts: nothing opaque
+    table = out.split("attnres loss")[1].strip().splitlines()[1:]  # below the header's dashes
+    assert [int(row.split()[0]) for row in table] == [1, 2, 3, 4]
+    assert all(float(v) > 0 for row in table for v in row.split()[1:])

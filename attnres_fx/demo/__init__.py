@@ -51,6 +51,7 @@ def run_demo(config: DemoConfig, out_dir: Path) -> dict:
     }
     for name, fig in figures.items():
         fig.savefig(out_dir / name, dpi=120)
+        plots.plt.close(fig)  # pyplot keeps every figure alive otherwise
 
     results = {
         "config": dataclasses.asdict(config),
