@@ -60,32 +60,123 @@ def recording() -> Iterator[list[SiteRecord]]:
 
 
 # --- two-phase form (attnres_fx.passes.two_phase) ------------------------------------------------
+#
+# Both phases are autograd Functions with hand-written backwards, so that what is kept for the
+# backward is chosen here, not left to autograd: the per-token softmax statistics (m, l), the
+# sources and outputs the graph keeps anyway, and nothing of shape [tokens, J, d]. The cheap parts
+# (logits, exponentials) are recomputed. The running max m only keeps exp() in range: the result
+# does not depend on it, so it carries no gradient.
 
 BlockStats = tuple[Tensor, Tensor, Tensor]  # running max [..., J], sum of exp [..., J], weighted sum [..., J, d]
 
 
 def block_scores(blocks: list[Tensor], inv_rms: list[Tensor], queries: list[Tensor], key_weights: list[Tensor]) -> BlockStats:
     """Phase 1: score the J sublayers of a block against all completed blocks at once (fp32)."""
-    w = torch.stack([q.float() * g.float() for q, g in zip(queries, key_weights)])  # [J, d]
-    values = [b.float().unsqueeze(-2) for b in blocks]  # [..., 1, d] each, converted once
-    logits = [(v * w).sum(-1) * r for v, r in zip(values, inv_rms)]  # [..., J] each
-    m = functools.reduce(torch.maximum, logits)
-    exps = [torch.exp(x - m) for x in logits]
-    denom = functools.reduce(torch.add, exps)
-    weighted = functools.reduce(torch.add, (e.unsqueeze(-1) * v for e, v in zip(exps, values)))
-    return m, denom, weighted
+    weight = torch.stack([q.float() * g.float() for q, g in zip(queries, key_weights)])  # [J, d]
+    return _BlockScores.apply(weight, *blocks, *inv_rms)
 
 
 def merge_partial(stats: BlockStats, k: int, partial: Tensor, query: Tensor, key_weight: Tensor, eps: float) -> Tensor:
     """Phase 2: add the partial sum as one more source to sublayer k's phase-1 result (online softmax)."""
-    m1, l1, o1 = stats[0][..., k], stats[1][..., k], stats[2][..., k, :]
-    p = partial.float()
-    score = (p * (query.float() * key_weight.float())).sum(-1) * inverse_rms(p, eps).squeeze(-1)
-    m = torch.maximum(m1, score)
-    a, b = torch.exp(m1 - m), torch.exp(score - m)
-    return ((a.unsqueeze(-1) * o1 + b.unsqueeze(-1) * p) / (a * l1 + b).unsqueeze(-1)).to(partial.dtype)
+    m, l, o = stats[0][..., k], stats[1][..., k], stats[2][..., k, :]
+    return _Merge.apply(m, l, o, partial, query.float() * key_weight.float(), eps)
 
 
 def completed_only(stats: BlockStats, k: int, like: Tensor) -> Tensor:
     """Phase 2 for a block's first sublayer: no partial sum yet, phase 1 is the whole answer."""
-    return (stats[2][..., k, :] / stats[1][..., k].unsqueeze(-1)).to(like.dtype)
+    return _Normalize.apply(stats[1][..., k], stats[2][..., k, :], like.dtype)
+
+
+def _keys_dot(values: Tensor, weight: Tensor) -> Tensor:
+    """values [..., d] . weight [J, d] -> [..., J], written so that Inductor fuses it into one read."""
+    return (values.unsqueeze(-2) * weight).sum(-1)
+
+
+def _weight_grad(grad_logits: Tensor, values: Tensor) -> Tensor:
+    """Sum over tokens of grad_logits[..., J] (x) values[..., d] -> [J, d]."""
+    return torch.matmul(grad_logits.flatten(0, -2).t(), values.flatten(0, -2))
+
+
+class _BlockScores(torch.autograd.Function):
+    """Phase 1. Inputs (weight [J, d], *blocks, *inv_rms); outputs BlockStats."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, *blocks_and_rms: Tensor) -> BlockStats:  # type: ignore[override]
+        n = len(blocks_and_rms) // 2
+        values = [b.float() for b in blocks_and_rms[:n]]
+        logits = [_keys_dot(v, weight) * r for v, r in zip(values, blocks_and_rms[n:])]
+        m = functools.reduce(torch.maximum, logits)
+        exps = [torch.exp(x - m) for x in logits]
+        weighted = functools.reduce(torch.add, (e.unsqueeze(-1) * v.unsqueeze(-2) for e, v in zip(exps, values)))
+        ctx.save_for_backward(weight, m, *blocks_and_rms)
+        ctx.mark_non_differentiable(m)
+        return m, functools.reduce(torch.add, exps), weighted
+
+    @staticmethod
+    def backward(ctx, _grad_m: Tensor, grad_l: Tensor, grad_o: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        weight, m, *blocks_and_rms = ctx.saved_tensors
+        n = len(blocks_and_rms) // 2
+        grad_weight = torch.zeros_like(weight)
+        grad_blocks, grad_rms = [], []
+        for b, r in zip(blocks_and_rms[:n], blocks_and_rms[n:]):
+            v = b.float()
+            z = _keys_dot(v, weight)
+            e = torch.exp(z * r - m)
+            grad_x = (grad_l + (grad_o * v.unsqueeze(-2)).sum(-1)) * e
+            grad_xr = grad_x * r
+            grad_v = (e.unsqueeze(-1) * grad_o + grad_xr.unsqueeze(-1) * weight).sum(-2)
+            grad_blocks.append(grad_v.to(b.dtype))
+            grad_rms.append((grad_x * z).sum(-1, keepdim=True))
+            grad_weight = grad_weight + _weight_grad(grad_xr, v)
+        return grad_weight, *grad_blocks, *grad_rms
+
+
+class _Merge(torch.autograd.Function):
+    """Phase 2. h = (a o + b p) / (a l + b), a = e^(m - M), b = e^(s - M), s the partial's logit."""
+
+    @staticmethod
+    def forward(ctx, m: Tensor, l: Tensor, o: Tensor, partial: Tensor, weight: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        p = partial.float()
+        a, b, z, _ = _merge_terms(m, l, p, weight, eps)
+        out = ((a.unsqueeze(-1) * o + b.unsqueeze(-1) * p) / z.unsqueeze(-1)).to(partial.dtype)
+        ctx.save_for_backward(m, l, partial, weight, out)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        m, l, partial, weight, out = ctx.saved_tensors
+        p, g = partial.float(), grad_out.float()
+        a, b, z, (dot, r) = _merge_terms(m, l, p, weight, ctx.eps)
+        g_out = (g * out.float()).sum(-1)  # dh/dl and dh/ds both end in -h: g . h, from the output
+        grad_s = b * ((g * p).sum(-1) - g_out) / z
+        grad_p = (b / z).unsqueeze(-1) * g + (grad_s * r).unsqueeze(-1) * weight
+        grad_p = grad_p - (grad_s * dot * r.pow(3) / p.shape[-1]).unsqueeze(-1) * p  # through 1/RMS(p)
+        grad_weight = _weight_grad((grad_s * r).unsqueeze(-1), p).squeeze(0)
+        return None, -a * g_out / z, (a / z).unsqueeze(-1) * g, grad_p.to(partial.dtype), grad_weight, None
+
+
+def _merge_terms(m: Tensor, l: Tensor, p: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """a, b and the normaliser z of the online-softmax merge, plus (p . weight, 1/RMS(p))."""
+    dot = (p * weight).sum(-1)
+    r = inverse_rms(p, eps).squeeze(-1)
+    s = dot * r
+    top = torch.maximum(m, s)
+    a, b = torch.exp(m - top), torch.exp(s - top)
+    return a, b, a * l + b, (dot, r)
+
+
+class _Normalize(torch.autograd.Function):
+    """Phase 2 without a partial sum: h = o / l."""
+
+    @staticmethod
+    def forward(ctx, l: Tensor, o: Tensor, dtype: torch.dtype) -> Tensor:  # type: ignore[override]
+        out = (o / l.unsqueeze(-1)).to(dtype)
+        ctx.save_for_backward(l, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        l, out = ctx.saved_tensors
+        g = grad_out.float()
+        return -(g * out.float()).sum(-1) / l, g / l.unsqueeze(-1), None

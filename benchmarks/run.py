@@ -14,6 +14,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -81,6 +84,27 @@ class Runner:
         sync(self.device)
         return time.perf_counter() - start
 
+    def saved_for_backward(self) -> float:
+        """MiB the training forward keeps for the backward (activations, not parameters), any device.
+
+        Counted with saved-tensor hooks, which see what eager autograd and compiled graphs save
+        alike; storages are counted once.
+        """
+        params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.untyped_storage().data_ptr() not in params:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        self.model.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = self.call(self.ids, self.ids)
+        loss.backward()
+        self.opt.zero_grad(set_to_none=True)
+        return sum(storages.values()) / 2**20
+
     def peak_train_memory(self) -> float | None:
         if self.device != "cuda":
             return None
@@ -91,16 +115,30 @@ class Runner:
         return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def cold_compile_seconds(config: str, variant: str, device: str) -> float:
+    """The first compiled training step of `variant`, in a fresh process with empty compile caches.
+
+    In one process, later variants would reuse the kernels and graphs an earlier one compiled (the
+    transformed model's attention and MLP kernels are the baseline's), so each compiles alone.
+    """
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
+        cmd = [sys.executable, "-m", "benchmarks.run", "--config", config, "--device", device, "--threads", str(torch.get_num_threads())]
+        out = subprocess.run([*cmd, "--first-step-of", variant], env=env, capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
 def run(config: str, device: str, rounds: int, variants: list[str], eager: bool) -> dict:
     cfg = CONFIGS[config]
+    compile_s = {v: cold_compile_seconds(config, v, device) for v in variants}
     runners = [Runner(v, c, cfg, device) for v in variants for c in ((False, True) if eager else (True,))]
     results: dict[str, dict] = {}
     for r in runners:
-        first_train = r.train_step()  # compiles the training graph when compiled
-        first_infer = r.infer()
-        results[r.name] = {"compile_s": first_train if r.compiled else None, "first_infer_s": first_infer, "train": [], "infer": []}
+        r.train_step(), r.infer()  # compiles when compiled
+        results[r.name] = {"compile_s": compile_s[r.variant] if r.compiled else None, "train": [], "infer": []}
         r.train_step(), r.infer()  # warm-up
         results[r.name]["peak_train_mib"] = r.peak_train_memory()
+        results[r.name]["saved_mib"] = r.saved_for_backward()
     for _ in range(rounds):  # interleaved, so drift hits every variant alike
         for r in runners:
             results[r.name]["train"].append(r.train_step())
@@ -118,7 +156,7 @@ def table(report: dict) -> str:
     base = res["baseline (compiled)"]
     rows = []
     for name, r in res.items():
-        mem = r["peak_train_mib"]
+        mem, saved = r["peak_train_mib"], r["saved_mib"]
         rows.append(
             (
                 name,
@@ -126,13 +164,15 @@ def table(report: dict) -> str:
                 f"{paired_ratio(r['train'], base['train']):.3f}",
                 f"{statistics.median(r['infer']) * 1e3:.1f}",
                 f"{paired_ratio(r['infer'], base['infer']):.3f}",
+                f"{saved:.1f}",
+                f"{saved / base['saved_mib']:.3f}",
                 "-" if mem is None else f"{mem:.0f}",
                 "-" if mem is None or not base["peak_train_mib"] else f"{mem / base['peak_train_mib']:.3f}",
                 "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}",
                 "-" if r["compile_s"] is None else f"{r['compile_s'] / base['compile_s']:.2f}",
             )
         )
-    headers = ["variant", "train ms", "x base", "infer ms", "x base", "peak train MiB", "x base", "compile s", "x base"]
+    headers = ["variant", "train ms", "x base", "infer ms", "x base", "saved MiB", "x base", "peak train MiB", "x base", "compile s", "x base"]
     return tabulate(rows, headers=headers)
 
 
@@ -151,9 +191,13 @@ def main() -> None:
     parser.add_argument("--variants", default="baseline,attnres_fx_plain,attnres_fx,handwritten")
     parser.add_argument("--no-eager", action="store_true", help="compiled variants only")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--first-step-of", help=argparse.SUPPRESS)  # used by cold_compile_seconds
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
+    if args.first_step_of:
+        print(Runner(args.first_step_of, True, CONFIGS[args.config], args.device).train_step())
+        return
     report = run(args.config, args.device, args.rounds, args.variants.split(","), not args.no_eager)
     report["torch"] = torch.__version__
     text = table(report)

@@ -42,3 +42,37 @@ def test_two_phase_removes_stacking_and_shares_inverse_rms() -> None:
     assert targets.count(ops.block_scores) == blocks + 1  # one per block, plus the final aggregation
     # one inverse RMS per completed block (b_0 .. b_n) and none recomputed per sublayer
     assert targets.count(ops.inverse_rms) == blocks + 1
+
+
+def saved_storages(tmodel, ids) -> list[int]:
+    """Bytes of every storage the training forward keeps for the backward, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in tmodel.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    tmodel.train()
+    tmodel(input_ids=ids, labels=ids)  # captures the training graph outside the hooks
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = tmodel(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return list(storages.values())
+
+
+def test_two_phase_backward_keeps_statistics_not_weighted_sums() -> None:
+    """Phase 1's weighted sums ([tokens, J, d] fp32 per block) are recomputed, never kept."""
+    model = zoo.llama(layers=6)  # 12 sublayers in blocks of 3
+    plain = attnres_fx.transform(model, block_size=3, passes=())
+    optimised = attnres_fx.transform(model, block_size=3)
+    with torch.no_grad():
+        for p in plain.attnres.parameters():
+            p.normal_(std=0.3)
+    optimised.attnres.load_state_dict(plain.attnres.state_dict())
+    ids = zoo.token_ids()
+    weighted_sums = ids.numel() * 3 * model.config.hidden_size * 4
+    kept = saved_storages(optimised, ids)
+    assert max(kept) < weighted_sums
+    assert sum(kept) < 0.8 * sum(saved_storages(plain, ids))
