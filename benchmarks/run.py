@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -87,23 +87,15 @@ class Runner:
     def saved_for_backward(self) -> float:
         """MiB the training forward keeps for the backward (activations, not parameters), any device.
 
-        Counted with saved-tensor hooks, which see what eager autograd and compiled graphs save
-        alike; storages are counted once.
+        Read from the autograd graph the forward built: what eager nodes and compiled graphs hold
+        as saved tensors, each storage counted once.
         """
-        params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
-        storages: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            if t.untyped_storage().data_ptr() not in params:
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
         self.model.train()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = self.call(self.ids, self.ids)
-        loss.backward()
-        self.opt.zero_grad(set_to_none=True)
-        return sum(storages.values()) / 2**20
+        loss = self.call(self.ids, self.ids)
+        params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved_tensors(loss.grad_fn)}
+        del loss
+        return sum(n for ptr, n in storages.items() if ptr not in params) / 2**20
 
     def peak_train_memory(self) -> float | None:
         if self.device != "cuda":
@@ -113,6 +105,21 @@ class Runner:
         base = torch.cuda.memory_allocated()
         self.train_step()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def saved_tensors(root: torch.autograd.graph.Node) -> Iterator[torch.Tensor]:
+    """Every tensor an autograd node reachable from `root` saved for the backward."""
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for name in dir(node):
+            if name.startswith("_saved_") or name == "saved_tensors":  # aten nodes / Python Functions
+                value = getattr(node, name)
+                yield from (v for v in (value if isinstance(value, tuple | list) else (value,)) if isinstance(v, torch.Tensor))
+        stack.extend(n for n, _ in node.next_functions)
 
 
 def cold_compile_seconds(config: str, variant: str, device: str) -> float:
