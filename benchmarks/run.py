@@ -4,7 +4,9 @@
     python -m benchmarks.run --config medium --device cuda
 
 Prints ratios against the compiled baseline measured in the same run (variants interleaved, paired
-medians) and writes JSON under benchmarks/results/.
+medians) and writes JSON under benchmarks/results/. Per variant: training step, inference forward,
+activations kept for the backward (any device), peak training memory (CUDA), and the first compiled
+training step, each variant in its own process with empty compile caches.
 """
 
 from __future__ import annotations
