@@ -108,6 +108,7 @@ def _weight_grad(grad_logits: Tensor, values: Tensor) -> Tensor:
 
 
 def _phase_one(weight: Tensor, blocks: Sequence[Tensor], inv_rms: Sequence[Tensor]) -> BlockStats:
+    """Phase 1's forward: logits per completed block, then the online statistics over all of them."""
     values = [b.float() for b in blocks]
     logits = [_source_logits(v, r, weight) for v, r in zip(values, inv_rms)]
     m = functools.reduce(torch.maximum, logits)
