@@ -1,6 +1,8 @@
 """The public verbs: `transform`, `plan`, `depth_weights`.
 
-transform = capture -> find the stream -> plan blocks -> rewrite -> graph passes -> AttnResModel.
+transform = capture -> find the stream -> find its layers -> plan blocks -> execute: module hooks on the model
+itself (`hooks.py`), or, where the stream does not cross module boundaries, the rewritten graph replayed
+(`rewrite.py`, graph passes, `module.py`).
 """
 
 from __future__ import annotations
@@ -8,117 +10,136 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from . import ops
-from .capture import (
-    CallKey,
-    CapturedGraph,
-    capture,
-    split_inputs,
-    takes_use_cache,
-    use_capturable_experts,
-    with_capture_defaults,
-)
+from . import hf, ops
+from .capture import CallKey, CapturedGraph, capture, split_inputs
 from .errors import AlreadyTransformedError, AttnResError, NoResidualStreamError, UnnormalizedReadError
+from .hooks import DepthRuntime
 from .inputs import ExampleInputs, as_call, default_example_inputs
+from .layers import find_layers, recording_module_calls
 from .module import AttnResModel
+from .parameters import AttnResParameters
 from .passes import DEFAULT_PASSES, apply_passes, check_pass_names
-from .plan import Plan, make_plan
+from .plan import PARAMETER_PREFIX, Plan, make_plan
 from .rewrite import rewrite
 from .stream import Stream, find_stream
 
+M = TypeVar("M", bound=nn.Module)
+
 
 def transform(
-    model: nn.Module,
+    model: M,
     example_inputs: ExampleInputs | None = None,
     *,
     num_blocks: int = 8,
     block_size: int | None = None,
     allow_unnormalized_reads: bool = False,
     passes: Sequence[str] = DEFAULT_PASSES,
-) -> AttnResModel:
+) -> M | AttnResModel:
     """Apply Block AttnRes to a pre-norm residual model, without editing its code.
 
     Args:
-        model: any module whose forward runs a pre-norm residual stream (HF transformers, timm,
-            hand-written). The returned module shares its parameters; use it from now on.
-        example_inputs: one call's inputs: a tuple of positional args, a dict of keyword args or a
-            tensor. Built from the config for HF text models and timm models when None.
+        model: any module whose forward runs a pre-norm residual stream (HF transformers, timm, hand-written).
+        example_inputs: one call's inputs: a tuple of positional args, a dict of keyword args or a tensor. Built
+            from the config for HF text models and timm models when None.
         num_blocks: about how many blocks to cut the residual sublayers into.
-        block_size: residual sublayers per block (1 = Full AttnRes); `ceil(sublayers / num_blocks)`
-            when None.
-        allow_unnormalized_reads: transform even where the stream is read without a norm (post-norm
-            models, raw hidden-state outputs); the fresh model then no longer computes the original
-            function.
-        passes: the graph optimisations to apply (all by default; `()` = the plain rewrite).
+        block_size: residual sublayers per block (1 = Full AttnRes); `ceil(sublayers / num_blocks)` when None.
+        allow_unnormalized_reads: transform even where the stream is read without a norm (post-norm models, raw
+            hidden-state outputs); the fresh model then no longer computes the original function.
+        passes: the depth-attention optimisations to apply (all by default; `()` = one plain softmax per sublayer).
 
     Returns:
-        An `AttnResModel`: call it like the original; its state dict holds the original keys plus
-        `attnres.*`. Compile it with `torch.compile` as usual.
+        Where the stream's residual adds sit in submodules (decoder layers, blocks) and are read through norm
+        modules: `model` itself, modified in place, its own forward and modules running at every call, with an
+        `attnres` submodule (state-dict keys `attnres.*`) and hooks. Otherwise an `AttnResModel` that replays the
+        rewritten graph of the whole forward. `attnres_fx.plan(result)` says which.
     """
     _refuse_transformed(model)
     check_pass_names(passes)
     if num_blocks < 1 or (block_size is not None and block_size < 1):
         raise AttnResError(f"num_blocks and block_size must be >= 1; got num_blocks={num_blocks}, block_size={block_size}.")
+    if PARAMETER_PREFIX in model._modules or hasattr(model, PARAMETER_PREFIX):
+        raise AttnResError(
+            f"{type(model).__name__} already has an attribute `{PARAMETER_PREFIX}`, the name under which attnres_fx "
+            "registers its parameters; rename that attribute before transforming."
+        )
     args, kwargs = as_call(example_inputs) if example_inputs is not None else default_example_inputs(model)
-    key, tensors = split_inputs(args, with_capture_defaults(kwargs, takes_use_cache(model)), model.training)
-    _report(use_capturable_experts(model))
-    captured = capture(model, key, tensors)
-    stream = _checked_stream(captured, model, allow_unnormalized_reads)
+    kwargs = hf.without_kv_cache(kwargs, hf.keeps_kv_cache(model))
+    _report(hf.use_capturable_experts(model))
+    key, tensors = split_inputs(args, kwargs, model.training)
+    with recording_module_calls(model) as calls:
+        captured, stream = _capture_stream(model, key, tensors, allow_unnormalized_reads)
+    layers = find_layers(stream, calls)
+    hooked = not isinstance(layers, str)
     branches, eps = [s.branch_modules for s in stream.sites], [s.eps for s in stream.sites]
-    plan = make_plan(branches, eps, stream.final_eps, num_blocks, block_size, captured.opaque_paths)
-    _report(_opaque_message(type(model).__name__, captured.opaque_paths))
-    _rewrite_and_optimise(captured, stream, plan, passes)
+    opaque = () if hooked else captured.opaque_paths
+    execution = {} if hooked else {"execution": f"whole-graph replay, because {layers}"}
+    plan = make_plan(branches, eps, stream.final_eps, num_blocks, block_size, opaque, **execution)
     start = stream.start.meta["val"]
     device = next((p.device for p in model.parameters()), start.device)
+    params = AttnResParameters(plan, _concrete(start.shape[-1]), device, start.dtype)
+    if hooked:
+        model.add_module(PARAMETER_PREFIX, params)
+        DepthRuntime(plan, layers, params, two_phase="two_phase" in passes).install(model)
+        return model
+    _report(_opaque_message(type(model).__name__, captured.opaque_paths))
+    _rewrite_and_optimise(captured, stream, plan, passes)
     build = functools.partial(_build_graph, allow_unnormalized_reads=allow_unnormalized_reads, passes=tuple(passes))
-    tmodel = AttnResModel(model, plan, _concrete(start.shape[-1]), device, start.dtype, build)
+    tmodel = AttnResModel(model, params, build)
     tmodel.add_graph(key, captured, optimized=True)
     return tmodel
 
 
 def plan(model: nn.Module) -> Plan:
-    """What `transform` found and rewrote: the ordered sites and the final aggregation."""
-    if not isinstance(model, AttnResModel):
+    """What `transform` found and rewrote: the ordered sites, the final aggregation and how it executes."""
+    params = _attnres_parameters(model)
+    if params is None:
         raise AttnResError(f"plan() takes a model returned by attnres_fx.transform; got {type(model).__name__}.")
-    return model.attnres_plan
+    return params.plan
 
 
 @torch.no_grad()
 def depth_weights(model: nn.Module, *args: Any, per_token: bool = False, **kwargs: Any) -> dict[str, Tensor]:
     """Each site's softmax weights over its sources for one call of the model.
 
-    Returns a dict from site name (`site_1`, ..., `final`) to weights of shape [num_sources]
-    (averaged over tokens) or, with `per_token=True`, [num_sources, *token dims]. The sources are
-    ordered as in the paper: stream start, completed blocks, partial sum.
+    Returns a dict from site name (`site_1`, ..., `final`) to weights of shape [num_sources] (averaged over
+    tokens) or, with `per_token=True`, [num_sources, *token dims]. The sources are ordered as in the paper: stream
+    start, completed blocks, partial sum.
     """
     records = site_records(model, args, kwargs)
     return {name: (r.weights if per_token else r.weights.flatten(1).mean(1)) for name, r in records.items()}
 
 
-def site_records(model: AttnResModel, args: tuple, kwargs: dict[str, Any]) -> dict[str, ops.SiteRecord]:
-    """Run the plain rewritten graph once and return what each parametrised site computed, by name."""
+def site_records(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, ops.SiteRecord]:
+    """Run the model once, each site computed the plain way, and return what each parametrised site computed."""
     names = [s.name for s in plan(model).parametrised]
     with ops.recording() as records:
-        model.run_graph(args, kwargs, optimized=False)
+        if isinstance(model, AttnResModel):
+            model.run_graph(args, kwargs, optimized=False)
+        else:
+            model(*args, **kwargs)
     if len(records) != len(names):
-        raise AttnResError(f"expected {len(names)} depth-attention sites in the graph, saw {len(records)}.")
+        raise AttnResError(f"expected {len(names)} depth-attention sites in one call, saw {len(records)}.")
     return dict(zip(names, records))
 
 
-# --- pipeline stages -------------------------------------------------------------------------------
+# --- pipeline stages -------------------------------------------------------------------------------------------
+
+
+def _capture_stream(model: nn.Module, key: CallKey, tensors: list[Tensor], allow_unnormalized_reads: bool) -> tuple[CapturedGraph, Stream]:
+    captured = capture(model, key, tensors)
+    return captured, _checked_stream(captured, model, allow_unnormalized_reads)
 
 
 def _build_graph(
     original: nn.Module, key: CallKey, tensors: list[Tensor], plan: Plan, optimized: bool, *, allow_unnormalized_reads: bool, passes: tuple[str, ...]
 ) -> CapturedGraph:
     """Capture and rewrite the graph for a new call structure or mode, following the existing plan."""
-    captured = capture(original, key, tensors)
-    stream = _checked_stream(captured, original, allow_unnormalized_reads)
+    captured, stream = _capture_stream(original, key, tensors, allow_unnormalized_reads)
     found = [s.branch_modules for s in stream.sites]
     if found != [s.branch for s in plan.sites]:
         mode = "training" if key.training else "eval"
@@ -195,11 +216,16 @@ def _concrete(size: int | torch.SymInt) -> int:
     return size.node.hint if isinstance(size, torch.SymInt) else size
 
 
+def _attnres_parameters(model: nn.Module) -> AttnResParameters | None:
+    return next((m for m in model.modules() if isinstance(m, AttnResParameters)), None)
+
+
 def _refuse_transformed(model: nn.Module) -> None:
     for path, module in model.named_modules():
-        if isinstance(module, AttnResModel):
-            where = f"submodule `{path}`" if path else "the model"
+        if isinstance(module, (AttnResModel, AttnResParameters)):
+            owner = path.rpartition(".")[0] if isinstance(module, AttnResParameters) else path
+            where = f"submodule `{owner}`" if owner else "the model"
             raise AlreadyTransformedError(
-                f"{where} ({type(module).__name__}) was already transformed by attnres_fx; transforming again would "
-                "stack depth attention on depth attention. Transform the original model once."
+                f"{where} was already transformed by attnres_fx; transforming again would stack depth attention on "
+                "depth attention. Transform the original model once."
             )

@@ -8,7 +8,6 @@ materialisation and parameter sharding never leave the graph holding stale copie
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import sys
 from collections.abc import Hashable
@@ -155,40 +154,7 @@ class _FlatCall(nn.Module):
         return getattr(self, _INNER)(*args, **kwargs)
 
 
-def takes_use_cache(model: nn.Module) -> bool:
-    """Whether forward takes `use_cache` (HF models): a KV-cache object cannot be exported."""
-    try:
-        return "use_cache" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def with_capture_defaults(kwargs: dict[str, Any], use_cache_arg: bool) -> dict[str, Any]:
-    """Ask for no KV cache where forward takes `use_cache` and the call did not say."""
-    if use_cache_arg and "use_cache" not in kwargs:
-        return {**kwargs, "use_cache": False}
-    return kwargs
-
-
 _MAX_OPAQUE_TYPES = 4
-_CAPTURABLE_EXPERTS = "grouped_mm"
-
-
-def use_capturable_experts(model: nn.Module) -> str | None:
-    """Switch HF MoE experts from the per-expert Python loop (`eager`, which no capture can trace) to
-    the numerically equivalent `grouped_mm`; returns what was done, for the user, or None."""
-    config = getattr(model, "config", None)
-    if getattr(config, "_experts_implementation", None) != "eager" or not hasattr(model, "set_experts_implementation"):
-        return None
-    try:
-        model.set_experts_implementation(_CAPTURABLE_EXPERTS)
-    except ValueError:  # transformers' answer for models without switchable experts (all dense ones)
-        return None
-    return (
-        f"{type(model).__name__} used the `eager` experts loop, whose data-dependent shapes no capture can trace; "
-        f"switched it to `{_CAPTURABLE_EXPERTS}` (same function, one grouped matmul per projection). Build the model "
-        f"with experts_implementation='{_CAPTURABLE_EXPERTS}' to silence this."
-    )
 
 
 def capture(model: nn.Module, key: CallKey, tensors: list[Tensor]) -> CapturedGraph:

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import hf
 from .errors import AttnResError
 
 ExampleInputs = tuple[Any, ...] | dict[str, Any] | Tensor
@@ -31,11 +32,9 @@ def default_example_inputs(model: nn.Module) -> tuple[tuple[Any, ...], dict[str,
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    config = getattr(model, "config", None)
-    if getattr(model, "main_input_name", None) == "input_ids" and getattr(config, "vocab_size", None):
-        max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 16
-        ids = torch.randint(0, config.vocab_size, (2, min(16, max_len)), device=device)
-        return (), {"input_ids": ids}
+    token_ids = hf.example_token_ids(model, device)
+    if token_ids is not None:
+        return (), token_ids
     pretrained_cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(pretrained_cfg, dict) and pretrained_cfg.get("input_size"):
         return (torch.randn(2, *pretrained_cfg["input_size"], device=device, dtype=dtype),), {}

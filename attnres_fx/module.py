@@ -1,4 +1,6 @@
-"""The module the user gets: the original's submodules plus `attnres`, run through rewritten graphs.
+"""The fallback module: the original's submodules plus `attnres`, run through rewritten graphs.
+
+Used where the stream does not cross module boundaries in a way module hooks can follow (see `layers.py`).
 
 State dict keys are the original's, unchanged, plus `attnres.*`. A graph is captured per call
 structure and mode (train / eval, which keywords were given), lazily, so `.train()` / `.eval()`
@@ -14,10 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .capture import CallKey, CapturedGraph, split_inputs, takes_use_cache, with_capture_defaults
-from .errors import AttnResError, UnsupportedMethodError
+from . import hf
+from .capture import CallKey, CapturedGraph, split_inputs
+from .errors import UnsupportedMethodError
 from .parameters import AttnResParameters
-from .plan import PARAMETER_PREFIX, Plan
+from .plan import Plan
 
 # (original model, call key, tensors, plan, optimized) -> the rewritten graph for that call
 GraphBuilder = Callable[[nn.Module, CallKey, list[Tensor], Plan, bool], CapturedGraph]
@@ -26,23 +29,17 @@ GraphBuilder = Callable[[nn.Module, CallKey, list[Tensor], Plan, bool], Captured
 class AttnResModel(nn.Module):
     """A transformed model. Use it exactly like the original; see `attnres_fx.transform`."""
 
-    def __init__(self, original: nn.Module, plan: Plan, dim: int, device: torch.device, dtype: torch.dtype, build: GraphBuilder):
+    def __init__(self, original: nn.Module, params: AttnResParameters, build: GraphBuilder):
         super().__init__()
-        if PARAMETER_PREFIX in original._modules or hasattr(original, PARAMETER_PREFIX):
-            raise AttnResError(
-                f"{type(original).__name__} already has an attribute `{PARAMETER_PREFIX}`, the name under "
-                "which attnres_fx registers its parameters; rename that attribute before transforming."
-            )
         self._modules.update(original._modules)
         self._parameters.update(original._parameters)
         self._buffers.update(original._buffers)
         self._non_persistent_buffers_set |= original._non_persistent_buffers_set
         self.training = original.training
-        self.attnres = AttnResParameters(plan, dim, device, dtype)
+        self.attnres = params
         object.__setattr__(self, "_attnres_original", original)
         object.__setattr__(self, "_attnres_build", build)
-        self._attnres_use_cache_arg = takes_use_cache(original)  # once, not on the hot path
-        self.attnres_plan = plan
+        self._attnres_keeps_cache = hf.keeps_kv_cache(original)  # once, not on the hot path
         self._attnres_graphs: dict[tuple[CallKey, bool], list[CapturedGraph]] = {}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -50,7 +47,7 @@ class AttnResModel(nn.Module):
 
     def run_graph(self, args: tuple, kwargs: dict[str, Any], optimized: bool) -> Any:
         """Run the rewritten graph for this call (the optimised one, or the plain rewrite)."""
-        kwargs = with_capture_defaults(kwargs, self._attnres_use_cache_arg)
+        kwargs = hf.without_kv_cache(kwargs, self._attnres_keeps_cache)
         key, tensors = split_inputs(args, kwargs, self.training)
         for graph in self._attnres_graphs.get((key, optimized), ()):
             if graph.admits(tensors):
@@ -59,7 +56,7 @@ class AttnResModel(nn.Module):
 
     @torch.compiler.disable
     def _capture(self, key: CallKey, tensors: list[Tensor], optimized: bool) -> CapturedGraph:
-        graph = self._attnres_build(self._attnres_original, key, tensors, self.attnres_plan, optimized)
+        graph = self._attnres_build(self._attnres_original, key, tensors, self.attnres.plan, optimized)
         self.add_graph(key, graph, optimized)
         return graph
 

@@ -48,6 +48,11 @@ def depth_attention(sources: list[Tensor], query: Tensor, key_weight: Tensor, ep
     return (weights.unsqueeze(-1) * values).sum(0).to(sources[0].dtype)
 
 
+def is_recording() -> bool:
+    """Whether a `recording()` block is active: sites are then computed the plain way, one record each."""
+    return _record is not None
+
+
 @contextlib.contextmanager
 def recording() -> Iterator[list[SiteRecord]]:
     """Collect a SiteRecord for every `depth_attention` call made inside the block."""

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from .errors import AttnResError
 from .plan import Plan
 
 
@@ -25,10 +26,13 @@ class SiteParameters(nn.Module):
 
 
 class AttnResParameters(nn.Module):
-    """Holds every SiteParameters under the names the plan gives (`site_3`, `final`)."""
+    """The `attnres` submodule of a transformed model: every SiteParameters under the names the plan gives
+    (`site_3`, `final`), the plan itself, and its settings in the state dict (`attnres._extra_state`), so that a
+    checkpoint cannot silently load into a model transformed with other settings."""
 
     def __init__(self, plan: Plan, dim: int, device: torch.device, dtype: torch.dtype):
         super().__init__()
+        self.plan = plan
         for site in plan.parametrised:
             self.add_module(site.name, SiteParameters(dim, device, dtype))
 
@@ -36,3 +40,20 @@ class AttnResParameters(nn.Module):
         """Back to the function-preserving init, e.g. after `to_empty()` on a model built on meta."""
         for site in self.children():
             site.reset_parameters()
+
+    def get_extra_state(self) -> Tensor:
+        return torch.tensor(self._settings())
+
+    def set_extra_state(self, state: Tensor) -> None:
+        saved = tuple(int(v) for v in state.tolist())
+        if saved != self._settings():
+            raise AttnResError(
+                f"this checkpoint's AttnRes parameters were trained with block_size {saved[0]} over {saved[1]} "
+                f"sublayers; this model was transformed with block_size {self.plan.block_size} over "
+                f"{len(self.plan.sites)} sublayers, so they would compute another function. Transform the model "
+                f"with `attnres_fx.transform(model, block_size={saved[0]})` before loading, or load without the "
+                "`attnres.*` keys to start AttnRes afresh."
+            )
+
+    def _settings(self) -> tuple[int, int]:
+        return (self.plan.block_size, len(self.plan.sites))

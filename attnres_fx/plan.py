@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from tabulate import tabulate
 
 PARAMETER_PREFIX = "attnres"
+MODULE_HOOKS = "module hooks: the model's own modules and forwards run; the stream is rewritten at their boundaries"
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Plan:
     final: PlanSite
     block_size: int
     opaque: tuple[str, ...] = ()  # submodules run behind a custom op (export failed inside them)
+    execution: str = MODULE_HOOKS  # or why the rewritten graph is replayed instead
 
     @property
     def num_blocks(self) -> int:
@@ -51,6 +53,7 @@ class Plan:
             for s in (*self.sites, self.final)
         ]
         head = f"Block AttnRes: {len(self.sites)} sublayers, block_size {self.block_size}, {self.num_blocks} blocks\n"
+        head += f"execution: {self.execution}\n"
         if self.opaque:
             head += f"kept opaque (export failed inside; run behind a custom op): {', '.join(self.opaque)}\n"
         return head + tabulate(rows, headers=["site", "block", "branch", "sources", "query", "key norm weight"])
@@ -66,7 +69,13 @@ def num_sources(j: int, block_size: int) -> int:
 
 
 def make_plan(
-    branches: list[tuple[str, ...]], eps: list[float], final_eps: float, num_blocks: int, block_size: int | None, opaque: tuple[str, ...] = ()
+    branches: list[tuple[str, ...]],
+    eps: list[float],
+    final_eps: float,
+    num_blocks: int,
+    block_size: int | None,
+    opaque: tuple[str, ...] = (),
+    execution: str = MODULE_HOOKS,
 ) -> Plan:
     """Assign each of the sublayers (given by their branch modules) to blocks."""
     count = len(branches)
@@ -87,4 +96,4 @@ def make_plan(
         )
 
     sites = tuple(site(j, b, e) for j, (b, e) in enumerate(zip(branches, eps)))
-    return Plan(sites, site(count, (), final_eps), size, opaque)
+    return Plan(sites, site(count, (), final_eps), size, opaque, execution)

@@ -60,6 +60,7 @@ class Site:
     branch: Node
     branch_modules: tuple[str, ...]
     eps: float
+    readers: tuple[str, ...] = ()  # modules of the norms that read `stream` (filled once the chain is known)
 
 
 @dataclass
@@ -134,6 +135,9 @@ class _StreamFinder:
         if not chain:
             return Stream(None, [], DEFAULT_EPS, [], unnormalized_adds)
         values = [chain[0].stream] + [s.add for s in chain]
+        adds = {s.add for s in chain}
+        for site in chain:
+            site.readers = self._norm_readers(site.stream, adds)
         final_eps = self._eps_of_readers(values[-1])
         return Stream(chain[0].stream, chain, final_eps, self._unnormalized_reads(values, chain), unnormalized_adds)
 
@@ -222,6 +226,11 @@ class _StreamFinder:
             if len(chain) > len(best):
                 best = chain
         return best
+
+    def _norm_readers(self, value: Node, adds: set[Node]) -> tuple[str, ...]:
+        """The modules of the norm nodes that read `value` (the chain's own adds left out)."""
+        readers = self._tensor_readers(value)
+        return tuple(dict.fromkeys(module_path(r) for r in readers if r not in adds and r.op != "output" and self.is_norm(r)))
 
     def _unnormalized_reads(self, values: list[Node], chain: list[Site]) -> list[UnnormalizedRead]:
         adds = {s.add for s in chain}

@@ -3,6 +3,7 @@ routing kept opaque, HF eager experts switched, full-size configs transformed on
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -90,36 +91,55 @@ def test_router_aux_loss_is_returned_and_differentiable(arch: str) -> None:
         assert zoo.rel_err(got[name], expected[name]) < 1e-3, name
 
 
-@pytest.fixture(scope="module")
-def loop_moe_pair():
-    model = zoo.loop_moe()
-    ids = zoo.token_ids()
-    with pytest.warns(UserWarning, match="could not trace inside 3 submodules") as record:
-        tmodel = attnres_fx.transform(model, (ids,))
-    return model, tmodel, ids, str(record[0].message)
-
-
-def test_uncapturable_moe_is_kept_opaque_and_reported(loop_moe_pair) -> None:
-    _, tmodel, _, message = loop_moe_pair
-    tplan = attnres_fx.plan(tmodel)
-    assert tplan.opaque == ("blocks.0.moe", "blocks.1.moe", "blocks.2.moe")
-    assert [s.branch for s in tplan.sites[1::2]] == [(f"blocks.{i}.moe",) for i in range(3)]
-    assert "blocks.0.moe" in message and "kept opaque" in str(tplan)
-
-
-def test_opaque_moe_computes_the_original_outputs_and_gradients(loop_moe_pair) -> None:
-    model, tmodel, ids, _ = loop_moe_pair
+def grads_of(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad()
     out = model(ids)
     out.pow(2).mean().backward()
-    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
-    tmodel.zero_grad()
-    tout = tmodel(ids)
-    tout.pow(2).mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_uncapturable_moe_in_a_layer_runs_as_its_own_module() -> None:
+    """Module hooks run the loop-over-experts MoE eagerly as it is: nothing is kept opaque."""
+    model, ids = zoo.loop_moe(), zoo.token_ids()
+    original = copy.deepcopy(model)
+    tmodel = attnres_fx.transform(model, (ids,))
+    tplan = attnres_fx.plan(tmodel)
+    assert tplan.opaque == () and tplan.execution.startswith("module hooks")
+    assert [s.branch for s in tplan.sites[1::2]] == [(f"blocks.{i}.moe",) for i in range(3)]
+    out, expected = grads_of(original, ids)
+    tout, got = grads_of(tmodel, ids)
+    assert zoo.rel_err(tout, out) < 1e-4
+    for name, grad in expected.items():
+        assert zoo.rel_err(got[name], grad) < 1e-3, name
+
+
+@pytest.fixture(scope="module")
+def flat_loop_moe_pair():
+    torch.manual_seed(0)
+    model, ids = zoo.unit_scale_(zoo.FlatLoopMoE()).eval(), zoo.token_ids()
+    original = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="could not trace inside 3 submodules") as record:
+        tmodel = attnres_fx.transform(model, (ids,))
+    return original, tmodel, ids, str(record[0].message)
+
+
+def test_uncapturable_moe_in_a_replayed_graph_is_kept_opaque_and_reported(flat_loop_moe_pair) -> None:
+    _, tmodel, _, message = flat_loop_moe_pair
+    tplan = attnres_fx.plan(tmodel)
+    assert tplan.execution.startswith("whole-graph replay") and "model's own forward" in tplan.execution
+    assert tplan.opaque == ("moes.0", "moes.1", "moes.2")
+    assert [s.branch for s in tplan.sites] == [(f"moes.{i}",) for i in range(3)]
+    assert "moes.0" in message and "kept opaque" in str(tplan)
+
+
+def test_opaque_moe_computes_the_original_outputs_and_gradients(flat_loop_moe_pair) -> None:
+    original, tmodel, ids, _ = flat_loop_moe_pair
+    out, expected = grads_of(original, ids)
+    tout, got = grads_of(tmodel, ids)
     assert zoo.rel_err(tout, out) < 1e-4
     for name, grad in expected.items():  # through the opaque op's recomputing backward
-        assert zoo.rel_err(tmodel.get_parameter(name).grad, grad) < 1e-3, name
-    assert tmodel.get_parameter("blocks.1.moe.experts.0.0.weight").grad.abs().sum() > 0
+        assert zoo.rel_err(got[name], grad) < 1e-3, name
+    assert got["moes.1.experts.0.0.weight"].abs().sum() > 0
 
 
 def test_hf_eager_experts_are_switched_and_reported() -> None:

@@ -1,4 +1,5 @@
-"""Each graph pass is exact: it equals the plain rewrite in outputs and gradients."""
+"""Two-phase depth attention is exact (it equals one plain softmax per sublayer in outputs and gradients), keeps
+little for the backward and compiles as one graph: under module hooks and as a pass over a replayed graph."""
 
 import pytest
 import torch
@@ -17,9 +18,8 @@ def outputs_and_grads(tmodel, ids):
 
 @pytest.mark.parametrize("block_size", [1, 3, None])
 def test_two_phase_equals_plain_rewrite(block_size) -> None:
-    model = zoo.llama()
-    plain = attnres_fx.transform(model, block_size=block_size, passes=())
-    optimised = attnres_fx.transform(model, block_size=block_size, passes=("two_phase",))
+    plain = attnres_fx.transform(zoo.llama(), block_size=block_size, passes=())
+    optimised = attnres_fx.transform(zoo.llama(), block_size=block_size, passes=("two_phase",))
     with torch.no_grad():
         for p in plain.attnres.parameters():
             p.normal_(std=0.3)
@@ -33,8 +33,10 @@ def test_two_phase_equals_plain_rewrite(block_size) -> None:
         assert zoo.rel_err(grads_b[name], grads_a[name]) < 1e-5, name
 
 
-def test_two_phase_removes_stacking_and_shares_inverse_rms() -> None:
-    tmodel = attnres_fx.transform(zoo.llama(), block_size=2)
+def test_two_phase_pass_removes_stacking_and_shares_inverse_rms() -> None:
+    """On a replayed graph (residual adds in the model's own forward) the pass rewrites the sites."""
+    tmodel = attnres_fx.transform(zoo.Residual3D(layers=6), (torch.randn(2, 5, 32),), block_size=2)
+    assert attnres_fx.plan(tmodel).execution.startswith("whole-graph replay")
     graph = next(iter(tmodel._attnres_graphs.values()))[0].gm.graph
     targets = [n.target for n in graph.nodes]
     assert ops.depth_attention not in targets
@@ -65,7 +67,7 @@ def saved_storages(tmodel, ids) -> list[int]:
 def test_two_phase_backward_keeps_statistics_not_weighted_sums() -> None:
     """Phase 1's weighted sums ([tokens, J, d] fp32 per block) are recomputed, never kept."""
     model = zoo.llama(layers=6)  # 12 sublayers in blocks of 3
-    plain = attnres_fx.transform(model, block_size=3, passes=())
+    plain = attnres_fx.transform(zoo.llama(layers=6), block_size=3, passes=())
     optimised = attnres_fx.transform(model, block_size=3)
     with torch.no_grad():
         for p in plain.attnres.parameters():
@@ -78,6 +80,19 @@ def test_two_phase_backward_keeps_statistics_not_weighted_sums() -> None:
     assert sum(kept) < 0.8 * sum(saved_storages(plain, ids))
 
 
+def count_block_reads(tmodel, ids) -> int:
+    """How many (block, completed block) pairs phase 1 scores in one eager call."""
+    reads = []
+    score = ops.block_scores
+    try:
+        ops.block_scores = lambda blocks, *rest: reads.append(len(blocks)) or score(blocks, *rest)
+        with torch.no_grad():
+            tmodel(input_ids=ids)
+    finally:
+        ops.block_scores = score
+    return sum(reads)
+
+
 @pytest.mark.parametrize("grad", [True, False], ids=["training", "inference"])
 def test_two_phase_compiles_as_one_graph_tracing_the_per_block_pieces_once(grad) -> None:
     """Under torch.compile the depth attention neither breaks the graph nor is traced once per block.
@@ -87,9 +102,8 @@ def test_two_phase_compiles_as_one_graph_tracing_the_per_block_pieces_once(grad)
     """
     torch._dynamo.reset()
     tmodel = attnres_fx.transform(zoo.llama(layers=6), block_size=3)
-    graph = next(iter(tmodel._attnres_graphs.values()))[0].gm.graph
-    block_reads = sum(len(n.args[0]) for n in graph.nodes if n.target is ops.block_scores)
     ids = zoo.token_ids()
+    block_reads = count_block_reads(tmodel, ids)
     dynamo_graphs = []
 
     def backend(gm, example_inputs):
@@ -97,7 +111,7 @@ def test_two_phase_compiles_as_one_graph_tracing_the_per_block_pieces_once(grad)
         return gm.forward
 
     with torch.set_grad_enabled(grad):
-        expected = tmodel(input_ids=ids).logits  # captures this mode's graph outside of compile
+        expected = tmodel(input_ids=ids).logits
         out = torch.compile(tmodel, backend=backend, fullgraph=True)(input_ids=ids).logits
     assert zoo.rel_err(out, expected) < 1e-6
     (gm,) = dynamo_graphs  # autograd Functions' forward and backward bodies are submodules

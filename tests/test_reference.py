@@ -1,5 +1,7 @@
 """Transformed models equal an independent hand-written Block AttnRes with non-zero queries."""
 
+import copy
+
 import pytest
 import reference
 import torch
@@ -14,7 +16,7 @@ CASES = {
 }
 
 
-def randomise_(tmodel: attnres_fx.AttnResModel, seed: int = 0) -> list:
+def randomise_(tmodel: torch.nn.Module, seed: int = 0) -> list:
     """Random queries and key weights; returns per site (q, g) or None, the final's last."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -30,6 +32,7 @@ def randomise_(tmodel: attnres_fx.AttnResModel, seed: int = 0) -> list:
 def test_matches_hand_written_reference(arch: str, block_size: int | None) -> None:
     factory, make_input, ref_fn = CASES[arch]
     model, x = factory(), make_input()
+    original_model = copy.deepcopy(model)  # transform works in place; the reference runs the untouched modules
     call = {"input_ids": x, "use_cache": False} if arch != "vit" else (x,)
     tmodel = attnres_fx.transform(model, call, block_size=block_size)
     params = randomise_(tmodel)
@@ -37,8 +40,8 @@ def test_matches_hand_written_reference(arch: str, block_size: int | None) -> No
     assert size == (block_size or 1)  # 8 sublayers, 8 blocks by default
     with torch.no_grad():
         out = zoo.main_output(tmodel(**call) if isinstance(call, dict) else tmodel(*call))
-        expected = ref_fn(model, x, params, size)
-        plain = attnres_fx.transform(model, call, block_size=block_size, passes=())
+        expected = ref_fn(original_model, x, params, size)
+        plain = attnres_fx.transform(factory(), call, block_size=block_size, passes=())
         plain.load_state_dict(tmodel.state_dict())
         out_plain = zoo.main_output(plain(**call) if isinstance(call, dict) else plain(*call))
     scale = expected.abs().max()
@@ -46,5 +49,5 @@ def test_matches_hand_written_reference(arch: str, block_size: int | None) -> No
     assert (out - expected).abs().max() / scale < 1e-4
     assert (out_plain - expected).abs().max() / scale < 1e-4
     # the check can fail: the original (no AttnRes) differs clearly once queries are non-zero
-    original = zoo.main_output(model(**call) if isinstance(call, dict) else model(*call))
+    original = zoo.main_output(original_model(**call) if isinstance(call, dict) else original_model(*call))
     assert (original - expected).abs().max() / scale > 1e-2

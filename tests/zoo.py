@@ -184,6 +184,25 @@ class LoopMoEModel(nn.Module):
         return self.head(self.norm(x))
 
 
+class FlatLoopMoE(nn.Module):
+    """Loop-over-experts MoE sublayers whose residual adds sit in the model's own forward (no layer modules), so
+    the transform replays the rewritten graph and must keep the uncapturable experts opaque."""
+
+    def __init__(self, d: int = 32, layers: int = 3, vocab: int = VOCAB):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.norms = nn.ModuleList(nn.RMSNorm(d) for _ in range(layers))
+        self.moes = nn.ModuleList(LoopMoE(d) for _ in range(layers))
+        self.norm = nn.RMSNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for norm, moe in zip(self.norms, self.moes):
+            x = x + moe(norm(x))
+        return self.head(self.norm(x))
+
+
 def loop_moe(layers: int = 3) -> nn.Module:
     torch.manual_seed(0)
     return unit_scale_(LoopMoEModel(layers=layers)).eval()

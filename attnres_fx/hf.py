@@ -1,0 +1,61 @@
+"""Everything attnres_fx knows about Hugging Face transformers models, in one place.
+
+Nothing here imports transformers: models are recognised by what they carry (a `config`, `main_input_name`,
+`set_experts_implementation`), so the package works without it installed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+_CAPTURABLE_EXPERTS = "grouped_mm"
+
+
+def without_kv_cache(kwargs: dict[str, Any], keeps_cache: bool) -> dict[str, Any]:
+    """A call's keywords for capture: no KV cache (a cache object cannot be exported) where the model keeps one
+    and the call did not say."""
+    if "use_cache" in kwargs or not keeps_cache:
+        return kwargs
+    return {**kwargs, "use_cache": False}
+
+
+def keeps_kv_cache(model: nn.Module) -> bool:
+    """Whether calls return a KV cache unless told `use_cache=False`. Decided from the config, not the forward's
+    signature, so wrappers whose forward takes `**kwargs` (PEFT, torch.compile) get the model's own answer."""
+    if getattr(getattr(model, "config", None), "use_cache", None) is None:
+        return False
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "use_cache" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def use_capturable_experts(model: nn.Module) -> str | None:
+    """Switch MoE experts from the per-expert Python loop (`eager`, which no capture can trace) to the numerically
+    equivalent `grouped_mm`; returns what was done, for the user, or None."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_experts_implementation", None) != "eager" or not hasattr(model, "set_experts_implementation"):
+        return None
+    try:
+        model.set_experts_implementation(_CAPTURABLE_EXPERTS)
+    except ValueError:  # transformers' answer for models without switchable experts (all dense ones)
+        return None
+    return (
+        f"{type(model).__name__} used the `eager` experts loop, whose data-dependent shapes no capture can trace; "
+        f"switched it to `{_CAPTURABLE_EXPERTS}` (same function, one grouped matmul per projection). Build the model "
+        f"with experts_implementation='{_CAPTURABLE_EXPERTS}' to silence this."
+    )
+
+
+def example_token_ids(model: nn.Module, device: torch.device) -> dict[str, Any] | None:
+    """Token ids for a text model (`main_input_name == "input_ids"` and a vocabulary in its config), else None."""
+    config = getattr(model, "config", None)
+    if getattr(model, "main_input_name", None) != "input_ids" or not getattr(config, "vocab_size", None):
+        return None
+    max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 16
+    return {"input_ids": torch.randint(0, config.vocab_size, (2, min(16, max_len)), device=device)}

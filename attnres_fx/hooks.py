@@ -1,0 +1,237 @@
+"""Module-faithful execution: the model's own modules and forwards run at every call; hooks make its stream AttnRes.
+
+Around each call of a layer (see `layers.py`):
+- the layer's pre-hook hands it, in place of the stream, the current block's partial sum (zeros when a block starts
+  with the layer), so that the layer's own residual adds, with whatever dropout, LayerScale or multiplier stands
+  between a branch and its add, compute Block AttnRes's partial sums;
+- the pre-hook of each norm that reads the stream inside the layer replaces the norm's input by its sublayer's depth
+  mix over [stream start, completed blocks, partial sum];
+- the layer's forward hook returns, in place of the stream, the mix that the next layer's first sublayer reads (the
+  final aggregation after the last layer), so readers between layers (the final norm, `output_hidden_states`) see
+  depth mixes.
+Depth attention runs in two phases (`ops.py`): when a block opens, all its sublayers are scored against the completed
+blocks at once; each sublayer then merges its partial sum with online softmax.
+
+Activation checkpointing runs a layer's forward (and, with some wrappers, its hooks) again in the backward. What one
+layer call needs is kept in a `_LayerCall`, which the recomputation finds again from the very tensors it is given;
+nothing is taken from whatever call happens to be in progress then. State lives per thread and is dropped when the
+last layer returns.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from . import ops
+from .errors import AttnResError
+from .layers import LayerLayout
+from .parameters import AttnResParameters
+from .plan import Plan, PlanSite
+
+
+class _Depth:
+    """The stream between two sublayers: completed blocks, the current block's partial sum, and that block's phase 1
+    (every sublayer of the block scored against the completed blocks, per key-norm eps)."""
+
+    def __init__(self, site: int, blocks: tuple[Tensor, ...], inv_rms: dict[float, tuple[Tensor, ...]],
+                 partial: Tensor | None, phase1: dict[float, ops.BlockStats]):
+        self.site = site  # the next sublayer to run
+        self.blocks = blocks
+        self.inv_rms = inv_rms
+        self.partial = partial
+        self.phase1 = phase1
+
+
+class _LayerCall:
+    """One call of one layer: the depth it started from, the mix its first sublayer reads, and what its norms have
+    seen so far (reset when the first norm reads, so a recomputation starts from the same place)."""
+
+    def __init__(self, depth: _Depth, mix_in: Tensor):
+        self.entry = depth
+        self.mix_in = mix_in
+        self.restart()
+
+    def restart(self) -> None:
+        self.depth = self.entry
+        self.base: Tensor | None = None  # the stream value where a block ended inside the layer
+        self.cached: tuple[int, Tensor, Tensor] | None = None  # (sublayer, norm input, its mix)
+
+
+class DepthRuntime:
+    """Installs and runs the hooks of one transformed model."""
+
+    def __init__(self, plan: Plan, layers: tuple[LayerLayout, ...], params: AttnResParameters, two_phase: bool):
+        self.plan, self.layers, self.params, self.two_phase = plan, layers, params, two_phase
+        self.num_sites = len(plan.sites)
+        groups: dict[tuple[int, float], list[PlanSite]] = defaultdict(list)
+        for site in plan.parametrised:
+            groups[site.block, site.eps].append(site)
+        self._groups = dict(groups)  # (block, eps) -> the block's sites that share one phase 1
+        self._slot = {s.index: k for sites in groups.values() for k, s in enumerate(sites)}
+        self._eps = tuple(sorted({s.eps for s in plan.parametrised}))
+        self._init_per_call_state()
+
+    def _init_per_call_state(self) -> None:
+        self._local = threading.local()  # .depth: after the last layer that returned; .layer: the layer running
+        self._depth_of_input: WeakIdKeyDictionary = WeakIdKeyDictionary()  # eager: mix handed on -> its depth
+        self._call_of_input: WeakIdKeyDictionary = WeakIdKeyDictionary()  # eager: partial handed in -> layer call
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_local", "_depth_of_input", "_call_of_input")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_per_call_state()
+
+    def install(self, model: nn.Module) -> None:
+        for i, layer in enumerate(self.layers):
+            module = model.get_submodule(layer.path)
+            module.register_forward_pre_hook(functools.partial(self._enter_layer, i), with_kwargs=True)
+            module.register_forward_hook(functools.partial(self._leave_layer, i), with_kwargs=True)
+            for path, site in layer.readers:
+                model.get_submodule(path).register_forward_pre_hook(functools.partial(self._read, i, site))
+
+    # --- hooks ---------------------------------------------------------------------------------------------------
+
+    def _enter_layer(self, i: int, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        layer = self.layers[i]
+        x = _get(args, kwargs, layer.stream_arg)
+        eager = not torch.compiler.is_compiling()
+        if layer.first_site == 0:
+            depth = self._start(x)
+        else:
+            depth = (self._depth_of_input.get(x) if eager else None) or getattr(self._local, "depth", None)
+            if depth is None or depth.site != layer.first_site:
+                raise AttnResError(
+                    f"`{layer.path}` (sublayers {layer.first_site}-{layer.end_site - 1}) was called without the layers "
+                    "before it in the same call of the model; a transformed model's layers read the depth state that "
+                    "the layers before them leave, so call the model as a whole."
+                )
+        if depth.partial is None:
+            handed_in = torch.zeros_like(x)
+        else:
+            handed_in = depth.partial.clone() if layer.in_place else depth.partial
+        call = _LayerCall(depth, x)
+        if eager:
+            self._call_of_input[handed_in] = call
+        self._local.layer = call
+        return _put(args, kwargs, layer.stream_arg, handed_in)
+
+    def _read(self, i: int, site: int, module: nn.Module, args: tuple) -> tuple | None:
+        call = self._find_call(args[0])
+        if call is None:  # the norm called on its own, outside a call of its layer: left as it is
+            return None
+        if site == call.entry.site:
+            call.restart()
+            return (call.mix_in, *args[1:])
+        return (self._mix_inside(call, site, args[0], self.layers[i].in_place), *args[1:])
+
+    def _leave_layer(self, i: int, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        layer = self.layers[i]
+        call = self._find_call(_get(args, kwargs, layer.stream_arg))
+        stream = output if layer.output_index is None else output[layer.output_index]
+        partial = stream if call.base is None else stream - call.base
+        end = layer.end_site
+        if end % self.plan.block_size == 0:
+            depth = self._complete(call.depth, partial, end)
+        else:
+            depth = _Depth(end, call.depth.blocks, call.depth.inv_rms, partial, call.depth.phase1)
+        mix = self._mix(depth, end, depth.partial)
+        self._local.layer = None
+        if end == self.num_sites:  # the final aggregation: nothing of this call stays behind
+            self._local.depth = None
+        else:
+            self._local.depth = depth
+            if not torch.compiler.is_compiling():
+                self._depth_of_input[mix] = depth
+        if layer.output_index is None:
+            return mix
+        return type(output)((*output[: layer.output_index], mix, *output[layer.output_index + 1 :]))
+
+    def _find_call(self, handed_in: Tensor) -> _LayerCall | None:
+        """The layer call a norm input or layer input belongs to: by identity in eager mode (a recomputation in the
+        backward is handed the same tensors), else the layer running on this thread (None outside layer calls)."""
+        call = self._call_of_input.get(handed_in) if not torch.compiler.is_compiling() else None
+        if call is not None:
+            self._local.layer = call
+            return call
+        return getattr(self._local, "layer", None)
+
+    # --- depth attention -----------------------------------------------------------------------------------------
+
+    def _mix_inside(self, call: _LayerCall, site: int, stream: Tensor, in_place: bool) -> Tensor:
+        """The mix that sublayer `site` reads, given the stream value inside the layer (partial sums since the layer
+        started, on top of the partial sum it was handed). A layer with in-place adds changes that value after the
+        norm has read it, so a copy is kept."""
+        if call.cached is not None and call.cached[0] == site and call.cached[1] is stream:
+            return call.cached[2]  # a second norm reading the same sublayer input (parallel residual)
+        value = stream.clone() if in_place else stream
+        partial = value if call.base is None else value - call.base
+        if site % self.plan.block_size == 0:
+            call.depth, call.base = self._complete(call.depth, partial, site), value
+            mix = self._mix(call.depth, site, None)
+        else:
+            mix = self._mix(call.depth, site, partial)
+        call.cached = (site, stream, mix)
+        return mix
+
+    def _start(self, x: Tensor) -> _Depth:
+        return self._open(_Depth(0, (x,), self._inverse_rms({}, x), None, {}))
+
+    def _complete(self, depth: _Depth, block: Tensor, site: int) -> _Depth:
+        """The depth after `block` completed, with the next block's phase 1 computed."""
+        inv_rms = self._inverse_rms(depth.inv_rms, block)
+        return self._open(_Depth(site, (*depth.blocks, block), inv_rms, None, {}))
+
+    def _inverse_rms(self, previous: dict[float, tuple[Tensor, ...]], block: Tensor) -> dict[float, tuple[Tensor, ...]]:
+        if not self._uses_two_phase():
+            return previous
+        return {eps: (*previous.get(eps, ()), ops.inverse_rms(block, eps)) for eps in self._eps}
+
+    def _open(self, depth: _Depth) -> _Depth:
+        if self._uses_two_phase():
+            block = depth.site // self.plan.block_size
+            for eps in self._eps:
+                sites = self._groups.get((block, eps))
+                if sites:
+                    queries = [self._param(s, "query") for s in sites]
+                    key_weights = [self._param(s, "key_weight") for s in sites]
+                    depth.phase1[eps] = ops.block_scores(list(depth.blocks), list(depth.inv_rms[eps]), queries, key_weights)
+        return depth
+
+    def _mix(self, depth: _Depth, site: int, partial: Tensor | None) -> Tensor:
+        """The input of sublayer `site` (the final aggregation when `site` is the number of sublayers)."""
+        s = self.plan.sites[site] if site < self.num_sites else self.plan.final
+        if s.query is None:
+            return depth.blocks[0]
+        query, key_weight = self._param(s, "query"), self._param(s, "key_weight")
+        if not self._uses_two_phase():
+            sources = [*depth.blocks, partial] if partial is not None else list(depth.blocks)
+            return ops.depth_attention(sources, query, key_weight, s.eps)
+        stats, k = depth.phase1[s.eps], self._slot[site]
+        if partial is None:
+            return ops.completed_only(stats, k, depth.blocks[0])
+        return ops.merge_partial(stats, k, partial, query, key_weight, s.eps)
+
+    def _uses_two_phase(self) -> bool:
+        return self.two_phase and not ops.is_recording()
+
+    def _param(self, site: PlanSite, name: str) -> Tensor:
+        return getattr(getattr(self.params, site.name), name)
+
+
+def _get(args: tuple, kwargs: dict[str, Any], where: int | str) -> Any:
+    return args[where] if isinstance(where, int) else kwargs[where]
+
+
+def _put(args: tuple, kwargs: dict[str, Any], where: int | str, value: Tensor) -> tuple[tuple, dict[str, Any]]:
+    if isinstance(where, int):
+        return (*args[:where], value, *args[where + 1 :]), kwargs
+    return args, {**kwargs, where: value}
