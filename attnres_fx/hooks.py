@@ -53,9 +53,10 @@ class _LayerCall:
     """One call of one layer: the depth it started from, the mix its first sublayer reads, and what its norms have
     seen so far (reset when the first norm reads, so a recomputation starts from the same place)."""
 
-    def __init__(self, depth: _Depth, mix_in: Tensor):
+    def __init__(self, depth: _Depth, mix_in: Tensor, handed_in: Tensor):
         self.entry = depth
         self.mix_in = mix_in
+        self.handed_in = handed_in
         self.restart()
 
     def restart(self) -> None:
@@ -82,9 +83,13 @@ class DepthRuntime:
         self._local = threading.local()  # .depth: after the last layer that returned; .layer: the layer running
         self._depth_of_input: WeakIdKeyDictionary = WeakIdKeyDictionary()  # eager: mix handed on -> its depth
         self._call_of_input: WeakIdKeyDictionary = WeakIdKeyDictionary()  # eager: partial handed in -> layer call
+        # eager: each layer's last call with grad enabled, for recomputations handed copies (saved-tensor hooks,
+        # offloading); accepted only where the copy equals what that call was handed
+        self._last_training_call: dict[int, _LayerCall] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_local", "_depth_of_input", "_call_of_input")}
+        per_call = ("_local", "_depth_of_input", "_call_of_input", "_last_training_call")
+        return {k: v for k, v in self.__dict__.items() if k not in per_call}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -107,7 +112,11 @@ class DepthRuntime:
         if layer.first_site == 0:
             depth = self._start(x)
         else:
-            depth = (self._depth_of_input.get(x) if eager else None) or getattr(self._local, "depth", None)
+            depth = self._depth_of_input.get(x) if eager else None
+            if depth is None and eager:  # a recomputation handed a copy of the layer's input
+                last = self._last_training_call.get(i)
+                depth = last.entry if last is not None and _same_tensor(last.mix_in, x) else None
+            depth = depth or getattr(self._local, "depth", None)
             if depth is None or depth.site != layer.first_site:
                 raise AttnResError(
                     f"`{layer.path}` (sublayers {layer.first_site}-{layer.end_site - 1}) was called without the layers "
@@ -118,14 +127,18 @@ class DepthRuntime:
             handed_in = torch.zeros_like(x)
         else:
             handed_in = depth.partial.clone() if layer.in_place else depth.partial
-        call = _LayerCall(depth, x)
+        call = _LayerCall(depth, x, handed_in)
         if eager:
             self._call_of_input[handed_in] = call
+            if torch.is_grad_enabled():
+                self._last_training_call[i] = call
+            elif layer.first_site == 0:
+                self._last_training_call.clear()  # evaluation after training keeps nothing of it
         self._local.layer = call
         return _put(args, kwargs, layer.stream_arg, handed_in)
 
     def _read(self, i: int, site: int, module: nn.Module, args: tuple) -> tuple | None:
-        call = self._find_call(args[0])
+        call = self._find_call(args[0], i if site == self.layers[i].first_site else None)
         if call is None:  # the norm called on its own, outside a call of its layer: left as it is
             return None
         if site == call.entry.site:
@@ -137,6 +150,8 @@ class DepthRuntime:
         layer = self.layers[i]
         call = self._find_call(_get(args, kwargs, layer.stream_arg))
         stream = output if layer.output_index is None else output[layer.output_index]
+        if layer.in_place:  # the tensor the layer added to in place: what it holds now is kept as a copy
+            stream = stream.clone()
         partial = stream if call.base is None else stream - call.base
         end = layer.end_site
         if end % self.plan.block_size == 0:
@@ -155,10 +170,16 @@ class DepthRuntime:
             return mix
         return type(output)((*output[: layer.output_index], mix, *output[layer.output_index + 1 :]))
 
-    def _find_call(self, handed_in: Tensor) -> _LayerCall | None:
-        """The layer call a norm input or layer input belongs to: by identity in eager mode (a recomputation in the
-        backward is handed the same tensors), else the layer running on this thread (None outside layer calls)."""
-        call = self._call_of_input.get(handed_in) if not torch.compiler.is_compiling() else None
+    def _find_call(self, handed_in: Tensor, layer: int | None = None) -> _LayerCall | None:
+        """The layer call that was handed `handed_in` (what the layer's first norm reads): by identity in eager mode
+        (a recomputation in the backward is handed the same tensors, or copies equal to them), else the layer running
+        on this thread (None outside layer calls)."""
+        call = None
+        if not torch.compiler.is_compiling():
+            call = self._call_of_input.get(handed_in)
+            last = self._last_training_call.get(layer) if call is None and layer is not None else None
+            if last is not None and _same_tensor(last.handed_in, handed_in):
+                call = last
         if call is not None:
             self._local.layer = call
             return call
@@ -225,6 +246,10 @@ class DepthRuntime:
 
     def _param(self, site: PlanSite, name: str) -> Tensor:
         return getattr(getattr(self.params, site.name), name)
+
+
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
 
 
 def _get(args: tuple, kwargs: dict[str, Any], where: int | str) -> Any:

@@ -72,14 +72,6 @@ def recording() -> Iterator[list[SiteRecord]]:
 # (logits, exponentials) are recomputed. The running max m only keeps exp() in range: the result
 # does not depend on it, so it carries no gradient.
 
-# Phase 1 repeats the same work for every (block, completed block) pair. Under torch.compile a
-# function marked with this is traced and compiled once per input signature (block size, dtype) and
-# reused at every call, which cuts the compile time; eager calls are unaffected. Only phase 1's
-# per-block pieces are marked: a marked merge could no longer fuse with the norm that reads it (that
-# cost 8% of a training step). Graph targets stay unmarked: FX would name a marked function by
-# torch's wrapper. The entry limit only keeps unusual models from being refused.
-_compiled_once = torch.compiler.nested_compile_region(max_reuse_entries=64)
-
 BlockStats = tuple[Tensor, Tensor, Tensor]  # running max [..., J], sum of exp [..., J], weighted sum [..., J, d]
 
 
@@ -144,13 +136,11 @@ class _BlockScores(torch.autograd.Function):
         return grad_weight, *grad_blocks, *grad_rms
 
 
-@_compiled_once
 def _source_logits(v: Tensor, r: Tensor, weight: Tensor) -> Tensor:
     """Logits [..., J] of one completed block for the J sublayers."""
     return _keys_dot(v, weight) * r
 
 
-@_compiled_once
 def _source_grads(b: Tensor, r: Tensor, weight: Tensor, m: Tensor, grad_l: Tensor, grad_o: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Phase 1's gradients for one completed block: (block, its inverse RMS, weight contribution)."""
     v = b.float()

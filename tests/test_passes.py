@@ -80,30 +80,15 @@ def test_two_phase_backward_keeps_statistics_not_weighted_sums() -> None:
     assert sum(kept) < 0.8 * sum(saved_storages(plain, ids))
 
 
-def count_block_reads(tmodel, ids) -> int:
-    """How many (block, completed block) pairs phase 1 scores in one eager call."""
-    reads = []
-    score = ops.block_scores
-    try:
-        ops.block_scores = lambda blocks, *rest: reads.append(len(blocks)) or score(blocks, *rest)
-        with torch.no_grad():
-            tmodel(input_ids=ids)
-    finally:
-        ops.block_scores = score
-    return sum(reads)
-
-
 @pytest.mark.parametrize("grad", [True, False], ids=["training", "inference"])
-def test_two_phase_compiles_as_one_graph_tracing_the_per_block_pieces_once(grad) -> None:
-    """Under torch.compile the depth attention neither breaks the graph nor is traced once per block.
-
-    Phase 1 scores every completed block separately; those per-block pieces are marked as nested
-    compile regions, so all of them share a few traced subgraphs (one per shape).
-    """
+def test_two_phase_compiles_as_one_graph(grad) -> None:
+    """Under torch.compile the hooks and the depth attention trace into one graph, without breaks."""
     torch._dynamo.reset()
     tmodel = attnres_fx.transform(zoo.llama(layers=6), block_size=3)
+    with torch.no_grad():
+        for p in tmodel.attnres.parameters():  # non-zero queries: the mixes differ clearly from the plain stream
+            p.normal_(std=0.3)
     ids = zoo.token_ids()
-    block_reads = count_block_reads(tmodel, ids)
     dynamo_graphs = []
 
     def backend(gm, example_inputs):
@@ -114,8 +99,4 @@ def test_two_phase_compiles_as_one_graph_tracing_the_per_block_pieces_once(grad)
         expected = tmodel(input_ids=ids).logits
         out = torch.compile(tmodel, backend=backend, fullgraph=True)(input_ids=ids).logits
     assert zoo.rel_err(out, expected) < 1e-6
-    (gm,) = dynamo_graphs  # autograd Functions' forward and backward bodies are submodules
-    calls = [n for m in gm.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
-    traced = {n.args[0].target for n in calls}
-    assert len(calls) >= block_reads - 1  # (Dynamo may inline the first call)
-    assert len(traced) <= 4  # 2 marked functions x 2 shapes (blocks of 3, the final site's single sublayer)
+    assert len(dynamo_graphs) == 1
