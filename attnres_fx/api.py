@@ -59,6 +59,11 @@ def transform(
         rewritten graph of the whole forward. `attnres_fx.plan(result)` says which.
     """
     _refuse_transformed(model)
+    _refuse_distributed_wrappers(model)
+    compiled_inner = getattr(model, "_orig_mod", None) if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else None
+    if compiled_inner is not None:
+        return _transform_compiled(model, compiled_inner, example_inputs, num_blocks=num_blocks, block_size=block_size,
+                                   allow_unnormalized_reads=allow_unnormalized_reads, passes=passes)
     check_pass_names(passes)
     if num_blocks < 1 or (block_size is not None and block_size < 1):
         raise AttnResError(f"num_blocks and block_size must be >= 1; got num_blocks={num_blocks}, block_size={block_size}.")
@@ -218,6 +223,35 @@ def _concrete(size: int | torch.SymInt) -> int:
 
 def _attnres_parameters(model: nn.Module) -> AttnResParameters | None:
     return next((m for m in model.modules() if isinstance(m, AttnResParameters)), None)
+
+
+def _transform_compiled(compiled: nn.Module, inner: nn.Module, example_inputs: ExampleInputs | None, **options: Any) -> nn.Module:
+    """A model already wrapped by torch.compile: transform the model it wraps, in place, and keep the wrapper (and
+    its compile options), so state-dict keys stay the model's own."""
+    result = transform(inner, example_inputs, **options)
+    if result is not inner:
+        raise AttnResError(
+            f"{type(inner).__name__} is wrapped by torch.compile, and its stream can only be executed by replaying the "
+            f"rewritten graph ({plan(result).execution}), which the existing compiled wrapper does not run. Transform the "
+            "model itself and compile what transform returns: `torch.compile(attnres_fx.transform(model))`."
+        )
+    return compiled
+
+
+def _refuse_distributed_wrappers(model: nn.Module) -> None:
+    """DDP and FSDP register a model's parameters when they wrap it; the new `attnres` parameters would be left out."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    for path, module in model.named_modules():
+        if isinstance(module, (nn.parallel.DistributedDataParallel, FullyShardedDataParallel, FSDPModule)):
+            where = f"submodule `{path}`" if path else "the model"
+            raise AttnResError(
+                f"{where} is already wrapped or sharded by {type(module).__name__}, which registered its parameters "
+                "before attnres_fx could add its own (the `attnres.*` pseudo-queries would be neither synchronised nor "
+                "sharded). Transform the unwrapped model first, then wrap or shard the result: "
+                "`model = attnres_fx.transform(model)`, then `fully_shard(layer)` per layer and `fully_shard(model)`, "
+                "or `DistributedDataParallel(model)`."
+            )
 
 
 def _refuse_transformed(model: nn.Module) -> None:

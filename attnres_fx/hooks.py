@@ -1,12 +1,12 @@
 """Module-faithful execution: the model's own modules and forwards run at every call; hooks make its stream AttnRes.
 
 Around each call of a layer (see `layers.py`):
-- the layer's pre-hook hands it, in place of the stream, the current block's partial sum (zeros when a block starts
+- the layer's forward is handed, in place of the stream, the current block's partial sum (zeros when a block starts
   with the layer), so that the layer's own residual adds, with whatever dropout, LayerScale or multiplier stands
   between a branch and its add, compute Block AttnRes's partial sums;
 - the pre-hook of each norm that reads the stream inside the layer replaces the norm's input by its sublayer's depth
   mix over [stream start, completed blocks, partial sum];
-- the layer's forward hook returns, in place of the stream, the mix that the next layer's first sublayer reads (the
+- the layer returns, in place of the stream, the mix that the next layer's first sublayer reads (the
   final aggregation after the last layer), so readers between layers (the final norm, `output_hidden_states`) see
   depth mixes.
 Depth attention runs in two phases (`ops.py`): when a block opens, all its sublayers are scored against the completed
@@ -98,14 +98,13 @@ class DepthRuntime:
     def install(self, model: nn.Module) -> None:
         for i, layer in enumerate(self.layers):
             module = model.get_submodule(layer.path)
-            module.register_forward_pre_hook(functools.partial(self._enter_layer, i), with_kwargs=True)
-            module.register_forward_hook(functools.partial(self._leave_layer, i), with_kwargs=True)
+            module.forward = _DepthForward(self, i, module)
             for path, site in layer.readers:
                 model.get_submodule(path).register_forward_pre_hook(functools.partial(self._read, i, site))
 
     # --- hooks ---------------------------------------------------------------------------------------------------
 
-    def _enter_layer(self, i: int, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+    def enter_layer(self, i: int, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
         layer = self.layers[i]
         x = _get(args, kwargs, layer.stream_arg)
         eager = not torch.compiler.is_compiling()
@@ -146,7 +145,7 @@ class DepthRuntime:
             return (call.mix_in, *args[1:])
         return (self._mix_inside(call, site, args[0], self.layers[i].in_place), *args[1:])
 
-    def _leave_layer(self, i: int, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+    def leave_layer(self, i: int, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
         layer = self.layers[i]
         call = self._find_call(_get(args, kwargs, layer.stream_arg))
         stream = output if layer.output_index is None else output[layer.output_index]
@@ -246,6 +245,20 @@ class DepthRuntime:
 
     def _param(self, site: PlanSite, name: str) -> Tensor:
         return getattr(getattr(self.params, site.name), name)
+
+
+class _DepthForward:
+    """A layer's `forward`, as an instance attribute over its class's (as accelerate's hooks do): the layer reads the
+    depth mix and returns the next one, so every hook on the layer, the user's or a library's (FSDP2, transformers'
+    output capture), sees those, while the class's forward (with transformers' checkpointing) runs in between."""
+
+    def __init__(self, runtime: DepthRuntime, index: int, module: nn.Module):
+        self.runtime, self.index, self.module = runtime, index, module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = self.runtime.enter_layer(self.index, args, kwargs)
+        output = type(self.module).forward(self.module, *args, **kwargs)
+        return self.runtime.leave_layer(self.index, args, kwargs, output)
 
 
 def _same_tensor(a: Tensor, b: Tensor) -> bool:
