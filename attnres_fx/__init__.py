@@ -4,10 +4,10 @@
     print(attnres_fx.plan(model))
 """
 
-from .api import depth_weights, plan, transform
+from .api import depth_weights, from_pretrained, plan, transform
 from .errors import AttnResError
 from .module import AttnResModel
 from .plan import Plan, PlanSite
 
-__all__ = ["AttnResError", "AttnResModel", "Plan", "PlanSite", "depth_weights", "plan", "transform"]
+__all__ = ["AttnResError", "AttnResModel", "Plan", "PlanSite", "depth_weights", "from_pretrained", "plan", "transform"]
 __version__ = "0.1.0"

@@ -8,6 +8,7 @@ itself (`hooks.py`), or, where the stream does not cross module boundaries, the 
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from collections.abc import Sequence
 from typing import Any, TypeVar
@@ -90,6 +91,7 @@ def transform(
     if hooked:
         model.add_module(PARAMETER_PREFIX, params)
         DepthRuntime(plan, layers, params, two_phase="two_phase" in passes).install(model)
+        hf.record_settings(model, plan.block_size, len(plan.sites))
         return model
     _report(_opaque_message(type(model).__name__, captured.opaque_paths))
     _rewrite_and_optimise(captured, stream, plan, passes)
@@ -97,6 +99,28 @@ def transform(
     tmodel = AttnResModel(model, params, build)
     tmodel.add_graph(key, captured, optimized=True)
     return tmodel
+
+
+def from_pretrained(model_class: Any, path: str | os.PathLike, **kwargs: Any) -> nn.Module:
+    """Load a transformed Hugging Face model that `save_pretrained` wrote: the original weights through
+    `model_class.from_pretrained(path, **kwargs)`, then the transform with the saved settings, then `attnres.*`.
+
+        model = attnres_fx.from_pretrained(AutoModelForCausalLM, "out/checkpoint")
+    """
+    model = model_class.from_pretrained(path, **kwargs)
+    settings = hf.saved_settings(model)
+    if settings is None:
+        raise AttnResError(
+            f"{path} holds no AttnRes settings (`{hf.SETTINGS_KEY}` in config.json): it was not saved from a transformed "
+            f"model. Load it with `{getattr(model_class, '__name__', model_class)}.from_pretrained` and transform it."
+        )
+    model = transform(model, block_size=settings["block_size"])
+    missing, unexpected = model.load_state_dict(hf.attnres_tensors(path), strict=False)
+    absent = [k for k in missing if k.startswith(PARAMETER_PREFIX + ".")]
+    if absent or unexpected:
+        raise AttnResError(f"{path}: the checkpoint's AttnRes tensors do not match this model (missing {absent[:3]}, "
+                           f"unexpected {unexpected[:3]}).")
+    return model
 
 
 def plan(model: nn.Module) -> Plan:

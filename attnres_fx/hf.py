@@ -7,6 +7,9 @@ Nothing here imports transformers: models are recognised by what they carry (a `
 from __future__ import annotations
 
 import inspect
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,3 +62,31 @@ def example_token_ids(model: nn.Module, device: torch.device) -> dict[str, Any] 
         return None
     max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 16
     return {"input_ids": torch.randint(0, config.vocab_size, (2, min(16, max_len)), device=device)}
+
+
+SETTINGS_KEY = "attnres"  # under this name in an HF config: what `save_pretrained` writes to config.json
+
+
+def record_settings(model: nn.Module, block_size: int, sublayers: int) -> None:
+    """Put the AttnRes settings into an HF model's config, so that `save_pretrained` writes them."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        setattr(config, SETTINGS_KEY, {"block_size": block_size, "sublayers": sublayers})
+
+
+def saved_settings(model: nn.Module) -> dict[str, int] | None:
+    return getattr(getattr(model, "config", None), SETTINGS_KEY, None)
+
+
+def attnres_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The `attnres.*` tensors of a checkpoint folder written by `save_pretrained` (one or sharded safetensors)."""
+    from safetensors import safe_open
+
+    folder = Path(path)
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    tensors = {}
+    for name in files:
+        with safe_open(str(folder / name), framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(SETTINGS_KEY + ".")})
+    return tensors

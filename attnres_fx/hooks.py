@@ -112,10 +112,12 @@ class DepthRuntime:
             depth = self._start(x)
         else:
             depth = self._depth_of_input.get(x) if eager else None
-            if depth is None and eager:  # a recomputation handed a copy of the layer's input
+            live = getattr(self._local, "depth", None)
+            if depth is None and live is not None and live.site == layer.first_site:
+                depth = live  # the input was wrapped on its way in (a full backward hook on the layer)
+            elif depth is None and eager:  # no call in progress: a recomputation in the backward, handed a copy
                 last = self._last_training_call.get(i)
                 depth = last.entry if last is not None and _same_tensor(last.mix_in, x) else None
-            depth = depth or getattr(self._local, "depth", None)
             if depth is None or depth.site != layer.first_site:
                 raise AttnResError(
                     f"`{layer.path}` (sublayers {layer.first_site}-{layer.end_site - 1}) was called without the layers "
@@ -173,16 +175,17 @@ class DepthRuntime:
         """The layer call that was handed `handed_in` (what the layer's first norm reads): by identity in eager mode
         (a recomputation in the backward is handed the same tensors, or copies equal to them), else the layer running
         on this thread (None outside layer calls)."""
-        call = None
-        if not torch.compiler.is_compiling():
-            call = self._call_of_input.get(handed_in)
-            last = self._last_training_call.get(layer) if call is None and layer is not None else None
-            if last is not None and _same_tensor(last.handed_in, handed_in):
-                call = last
+        compiling = torch.compiler.is_compiling()
+        call = None if compiling else self._call_of_input.get(handed_in)
+        live = getattr(self._local, "layer", None)
+        if call is None and (live is not None or compiling):
+            return live
+        if call is None and layer is not None:  # no call in progress: a recomputation in the backward, handed a copy
+            last = self._last_training_call.get(layer)
+            call = last if last is not None and _same_tensor(last.handed_in, handed_in) else None
         if call is not None:
             self._local.layer = call
-            return call
-        return getattr(self._local, "layer", None)
+        return call
 
     # --- depth attention -----------------------------------------------------------------------------------------
 

@@ -87,6 +87,13 @@ def qwen2_moe(layers: int = 4) -> nn.Module:
     )
 
 
+def qwen3_moe(layers: int = 4) -> nn.Module:
+    return hf_causal_lm(
+        "qwen3_moe", num_hidden_layers=layers, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+        decoder_sparse_step=1,
+    )
+
+
 def kimi_linear(layers: int = 4) -> nn.Module:
     return hf_causal_lm(
         "kimi_linear",
