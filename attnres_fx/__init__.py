@@ -1,7 +1,7 @@
 """attnres_fx: Block Attention Residuals (arXiv 2603.15031) applied as a compiler pass.
 
-    model = attnres_fx.transform(model)   # before torch.compile
-    print(attnres_fx.plan(model))
+model = attnres_fx.transform(model)   # before torch.compile
+print(attnres_fx.plan(model))
 """
 
 from .api import depth_weights, from_pretrained, plan, transform

@@ -61,13 +61,24 @@ def transform(
     """
     _refuse_transformed(model)
     _refuse_distributed_wrappers(model)
-    compiled_inner = getattr(model, "_orig_mod", None) if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else None
+    compiled_inner = (
+        getattr(model, "_orig_mod", None) if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else None
+    )
     if compiled_inner is not None:
-        return _transform_compiled(model, compiled_inner, example_inputs, num_blocks=num_blocks, block_size=block_size,
-                                   allow_unnormalized_reads=allow_unnormalized_reads, passes=passes)
+        return _transform_compiled(
+            model,
+            compiled_inner,
+            example_inputs,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            allow_unnormalized_reads=allow_unnormalized_reads,
+            passes=passes,
+        )
     check_pass_names(passes)
     if num_blocks < 1 or (block_size is not None and block_size < 1):
-        raise AttnResError(f"num_blocks and block_size must be >= 1; got num_blocks={num_blocks}, block_size={block_size}.")
+        raise AttnResError(
+            f"num_blocks and block_size must be >= 1; got num_blocks={num_blocks}, block_size={block_size}."
+        )
     if PARAMETER_PREFIX in model._modules or hasattr(model, PARAMETER_PREFIX):
         raise AttnResError(
             f"{type(model).__name__} already has an attribute `{PARAMETER_PREFIX}`, the name under which attnres_fx "
@@ -111,15 +122,18 @@ def from_pretrained(model_class: Any, path: str | os.PathLike, **kwargs: Any) ->
     settings = hf.saved_settings(model)
     if settings is None:
         raise AttnResError(
-            f"{path} holds no AttnRes settings (`{hf.SETTINGS_KEY}` in config.json): it was not saved from a transformed "
+            f"{path} holds no AttnRes settings (`{hf.SETTINGS_KEY}` in config.json): it was not saved from a "
+            "transformed "
             f"model. Load it with `{getattr(model_class, '__name__', model_class)}.from_pretrained` and transform it."
         )
     model = transform(model, block_size=settings["block_size"])
     missing, unexpected = model.load_state_dict(hf.attnres_tensors(path), strict=False)
     absent = [k for k in missing if k.startswith(PARAMETER_PREFIX + ".")]
     if absent or unexpected:
-        raise AttnResError(f"{path}: the checkpoint's AttnRes tensors do not match this model (missing {absent[:3]}, "
-                           f"unexpected {unexpected[:3]}).")
+        raise AttnResError(
+            f"{path}: the checkpoint's AttnRes tensors do not match this model (missing {absent[:3]}, "
+            f"unexpected {unexpected[:3]})."
+        )
     return model
 
 
@@ -159,13 +173,22 @@ def site_records(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[
 # --- pipeline stages -------------------------------------------------------------------------------------------
 
 
-def _capture_stream(model: nn.Module, key: CallKey, tensors: list[Tensor], allow_unnormalized_reads: bool) -> tuple[CapturedGraph, Stream]:
+def _capture_stream(
+    model: nn.Module, key: CallKey, tensors: list[Tensor], allow_unnormalized_reads: bool
+) -> tuple[CapturedGraph, Stream]:
     captured = capture(model, key, tensors)
     return captured, _checked_stream(captured, model, allow_unnormalized_reads)
 
 
 def _build_graph(
-    original: nn.Module, key: CallKey, tensors: list[Tensor], plan: Plan, optimized: bool, *, allow_unnormalized_reads: bool, passes: tuple[str, ...]
+    original: nn.Module,
+    key: CallKey,
+    tensors: list[Tensor],
+    plan: Plan,
+    optimized: bool,
+    *,
+    allow_unnormalized_reads: bool,
+    passes: tuple[str, ...],
 ) -> CapturedGraph:
     """Capture and rewrite the graph for a new call structure or mode, following the existing plan."""
     captured, stream = _capture_stream(original, key, tensors, allow_unnormalized_reads)
@@ -191,11 +214,18 @@ def _checked_stream(captured: CapturedGraph, model: nn.Module, allow_unnormalize
     stream = find_stream(captured.gm.graph)
     if not stream.sites:
         opaque = captured.opaque_paths
-        hidden = f" Note: export failed inside {', '.join(opaque[:3])}, which were kept opaque, so their insides were not searched." if opaque else ""
+        hidden = (
+            f" Note: export failed inside {', '.join(opaque[:3])}, which were kept opaque, so their insides were "
+            "not searched."
+            if opaque
+            else ""
+        )
         raise NoResidualStreamError(_no_stream_message(name, stream) + hidden)
     if stream.unnormalized_reads and not allow_unnormalized_reads:
         first = stream.unnormalized_reads[:3]
-        where = "; ".join(f"stream value {r.stream_index} read by `{r.reader.target}` in `{r.module or name}`" for r in first)
+        where = "; ".join(
+            f"stream value {r.stream_index} read by `{r.reader.target}` in `{r.module or name}`" for r in first
+        )
         raise UnnormalizedReadError(
             f"{name}: found a pre-norm residual stream of {len(stream.sites)} sublayers, but the stream is also read "
             f"without a norm ({len(stream.unnormalized_reads)} reads: {where}). AttnRes feeds such readers the "
@@ -249,14 +279,17 @@ def _attnres_parameters(model: nn.Module) -> AttnResParameters | None:
     return next((m for m in model.modules() if isinstance(m, AttnResParameters)), None)
 
 
-def _transform_compiled(compiled: nn.Module, inner: nn.Module, example_inputs: ExampleInputs | None, **options: Any) -> nn.Module:
+def _transform_compiled(
+    compiled: nn.Module, inner: nn.Module, example_inputs: ExampleInputs | None, **options: Any
+) -> nn.Module:
     """A model already wrapped by torch.compile: transform the model it wraps, in place, and keep the wrapper (and
     its compile options), so state-dict keys stay the model's own."""
     result = transform(inner, example_inputs, **options)
     if result is not inner:
         raise AttnResError(
             f"{type(inner).__name__} is wrapped by torch.compile, and its stream can only be executed by replaying the "
-            f"rewritten graph ({plan(result).execution}), which the existing compiled wrapper does not run. Transform the "
+            f"rewritten graph ({plan(result).execution}), which the existing compiled wrapper does not run. "
+            "Transform the "
             "model itself and compile what transform returns: `torch.compile(attnres_fx.transform(model))`."
         )
     return compiled

@@ -1,11 +1,11 @@
 """The `attnres-fx` command: `demo` trains baseline vs AttnRes; `inspect` prints a model's plan.
 
-    attnres-fx demo                               # a few minutes on 2 cores; plots in attnres_demo/
-    attnres-fx demo --layers 4 --steps 50 --out /tmp/demo
-    attnres-fx inspect --hf llama                 # tiny config of a transformers model type
-    attnres-fx inspect --hf config.json --meta    # a config file, built on the meta device
-    attnres-fx inspect --timm vit_small_patch16_224
-    attnres-fx inspect --factory my_pkg.models:build --input-shape 2,16,256
+attnres-fx demo                               # a few minutes on 2 cores; plots in attnres_demo/
+attnres-fx demo --layers 4 --steps 50 --out /tmp/demo
+attnres-fx inspect --hf llama                 # tiny config of a transformers model type
+attnres-fx inspect --hf config.json --meta    # a config file, built on the meta device
+attnres-fx inspect --timm vit_small_patch16_224
+attnres-fx inspect --factory my_pkg.models:build --input-shape 2,16,256
 """
 
 from __future__ import annotations
@@ -23,7 +23,14 @@ from . import plan, transform
 from .demo import DemoConfig, run_demo
 from .errors import AttnResError
 
-TINY_HF = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+TINY_HF = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+)
 
 
 def build_model(args: argparse.Namespace) -> tuple[nn.Module, tuple | None]:
@@ -66,7 +73,12 @@ def demo(args: argparse.Namespace) -> None:
 
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     defaults = DemoConfig()
-    p = sub.add_parser("demo", help="train a byte-level LM, baseline vs AttnRes, and plot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "demo",
+        help="train a byte-level LM, baseline vs AttnRes, and plot",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sizes = {
         "width": "model width",
         "layers": "transformer layers (2 residual sublayers each)",
@@ -89,7 +101,12 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def add_inspect_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="print the plan for a model", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "inspect",
+        help="print the plan for a model",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf", help="transformers model type (tiny config) or a config.json")
     source.add_argument("--timm", help="timm model name (random init)")

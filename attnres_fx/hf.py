@@ -84,7 +84,9 @@ def attnres_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     folder = Path(path)
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    )
     tensors = {}
     for name in files:
         with safe_open(str(folder / name), framework="pt") as f:

@@ -40,8 +40,14 @@ class _Depth:
     """The stream between two sublayers: completed blocks, the current block's partial sum, and that block's phase 1
     (every sublayer of the block scored against the completed blocks, per key-norm eps)."""
 
-    def __init__(self, site: int, blocks: tuple[Tensor, ...], inv_rms: dict[float, tuple[Tensor, ...]],
-                 partial: Tensor | None, phase1: dict[float, ops.BlockStats]):
+    def __init__(
+        self,
+        site: int,
+        blocks: tuple[Tensor, ...],
+        inv_rms: dict[float, tuple[Tensor, ...]],
+        partial: Tensor | None,
+        phase1: dict[float, ops.BlockStats],
+    ):
         self.site = site  # the next sublayer to run
         self.blocks = blocks
         self.inv_rms = inv_rms
@@ -226,7 +232,9 @@ class DepthRuntime:
                 if sites:
                     queries = [self._param(s, "query") for s in sites]
                     key_weights = [self._param(s, "key_weight") for s in sites]
-                    depth.phase1[eps] = ops.block_scores(list(depth.blocks), list(depth.inv_rms[eps]), queries, key_weights)
+                    depth.phase1[eps] = ops.block_scores(
+                        list(depth.blocks), list(depth.inv_rms[eps]), queries, key_weights
+                    )
         return depth
 
     def _mix(self, depth: _Depth, site: int, partial: Tensor | None) -> Tensor:

@@ -59,8 +59,9 @@ def recording_module_calls(model: nn.Module) -> Iterator[dict[str, list[ModuleCa
             h.remove()
 
 
-def _record_call(path: str, calls: dict[str, list[ModuleCall]], module: nn.Module, args: tuple,
-                 kwargs: dict[str, Any], output: Any) -> None:
+def _record_call(
+    path: str, calls: dict[str, list[ModuleCall]], module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any
+) -> None:
     calls[path].append((args, kwargs, output))
 
 
@@ -91,14 +92,19 @@ def _layers_from_graph(stream: Stream) -> list[LayerLayout] | str:
             outside = [p for p in stream.sites[j].readers if not p.startswith(owner + ".")]
             if outside or not stream.sites[j].readers:
                 where = f"`{outside[0]}`" if outside and outside[0] else "the forward of a module"
-                return f"the norm that sublayer {j} reads through is computed in {where}, not by a norm module in `{owner}`"
+                return (
+                    f"the norm that sublayer {j} reads through is computed in {where}, not by a norm module in "
+                    f"`{owner}`"
+                )
             readers += [(p, j) for p in stream.sites[j].readers]
         in_place = any(stream.sites[j].add.target is torch.ops.aten.add_.Tensor for j in sites)
         layers.append(LayerLayout(owner, sites[0], len(sites), tuple(readers), in_place))
     return layers
 
 
-def _locate_stream_arguments(layers: list[LayerLayout], calls: dict[str, list[ModuleCall]]) -> tuple[LayerLayout, ...] | str:
+def _locate_stream_arguments(
+    layers: list[LayerLayout], calls: dict[str, list[ModuleCall]]
+) -> tuple[LayerLayout, ...] | str:
     """Which argument carries the stream into each layer and which output carries it out, from one recorded call."""
     located, previous_output = [], None
     for layer in layers:

@@ -72,7 +72,9 @@ class OpaqueCall:
         out = torch.func.functional_call(self.module, dict(zip(self.state_names, state)), args, kwargs, strict=True)
         flat, spec = tree_flatten(out)
         if spec != self.out_spec:
-            raise CaptureError(f"opaque submodule `{self.path}` returned a different structure than when it was recorded.")
+            raise CaptureError(
+                f"opaque submodule `{self.path}` returned a different structure than when it was recorded."
+            )
         return flat
 
     def state(self) -> list[Tensor]:
@@ -113,7 +115,10 @@ def opaque_backward(handle: int, inputs: list[Tensor], state: list[Tensor], grad
     _, vjp = torch.func.vjp(differentiable_forward, *primals)
     in_grads, state_grads = vjp([g for g, m in zip(grads, out_mask) if m])
     zeros = [torch.zeros_like(t) for t in (*inputs, *state)]
-    return [*_merge(zeros[: len(inputs)], in_mask, in_grads), *_merge(zeros[len(inputs) :], call.trainable, state_grads)]
+    return [
+        *_merge(zeros[: len(inputs)], in_mask, in_grads),
+        *_merge(zeros[len(inputs) :], call.trainable, state_grads),
+    ]
 
 
 def _merge(full: list[Tensor], mask: list[bool], picked: list[Tensor]) -> list[Tensor]:
@@ -222,8 +227,12 @@ def _opaque_forward_method(call: OpaqueCall) -> Any:
         leaves, spec = tree_flatten((args, kwargs))
         structure = tuple(_TENSOR if isinstance(x, Tensor) else x for x in leaves)
         if spec != call.in_spec or structure != call.in_leaves:
-            raise CaptureError(f"opaque submodule `{call.path}` is called with other arguments than when it was recorded.")
-        outs = torch.ops.attnres_fx.opaque_forward(call.handle, [x for x in leaves if isinstance(x, Tensor)], call.state())
+            raise CaptureError(
+                f"opaque submodule `{call.path}` is called with other arguments than when it was recorded."
+            )
+        outs = torch.ops.attnres_fx.opaque_forward(
+            call.handle, [x for x in leaves if isinstance(x, Tensor)], call.state()
+        )
         return tree_unflatten(outs, call.out_spec)
 
     return forward

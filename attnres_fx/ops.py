@@ -75,7 +75,9 @@ def recording() -> Iterator[list[SiteRecord]]:
 BlockStats = tuple[Tensor, Tensor, Tensor]  # running max [..., J], sum of exp [..., J], weighted sum [..., J, d]
 
 
-def block_scores(blocks: list[Tensor], inv_rms: list[Tensor], queries: list[Tensor], key_weights: list[Tensor]) -> BlockStats:
+def block_scores(
+    blocks: list[Tensor], inv_rms: list[Tensor], queries: list[Tensor], key_weights: list[Tensor]
+) -> BlockStats:
     """Phase 1: score the J sublayers of a block against all completed blocks at once (fp32)."""
     weight = torch.stack([q.float() * g.float() for q, g in zip(queries, key_weights)])  # [J, d]
     if not torch.is_grad_enabled():  # nothing to keep; and Dynamo (2.14) mis-binds the inputs of a
@@ -141,7 +143,9 @@ def _source_logits(v: Tensor, r: Tensor, weight: Tensor) -> Tensor:
     return _keys_dot(v, weight) * r
 
 
-def _source_grads(b: Tensor, r: Tensor, weight: Tensor, m: Tensor, grad_l: Tensor, grad_o: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _source_grads(
+    b: Tensor, r: Tensor, weight: Tensor, m: Tensor, grad_l: Tensor, grad_o: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """Phase 1's gradients for one completed block: (block, its inverse RMS, weight contribution)."""
     v = b.float()
     z = _keys_dot(v, weight)
@@ -156,7 +160,9 @@ class _Merge(torch.autograd.Function):
     """Phase 2. h = (a o + b p) / (a l + b), a = e^(m - M), b = e^(s - M), s the partial's logit."""
 
     @staticmethod
-    def forward(ctx, m: Tensor, l: Tensor, o: Tensor, partial: Tensor, weight: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, m: Tensor, l: Tensor, o: Tensor, partial: Tensor, weight: Tensor, eps: float
+    ) -> Tensor:
         p = partial.float()
         a, b, z, _ = _merge_terms(m, l, p, weight, eps)
         out = ((a.unsqueeze(-1) * o + b.unsqueeze(-1) * p) / z.unsqueeze(-1)).to(partial.dtype)
@@ -177,7 +183,9 @@ class _Merge(torch.autograd.Function):
         return None, -a * g_out / z, (a / z).unsqueeze(-1) * g, grad_p.to(partial.dtype), grad_weight, None
 
 
-def _merge_terms(m: Tensor, l: Tensor, p: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
+def _merge_terms(
+    m: Tensor, l: Tensor, p: Tensor, weight: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
     """a, b and the normaliser z of the online-softmax merge, plus (p . weight, 1/RMS(p))."""
     dot = (p * weight).sum(-1)
     r = inverse_rms(p, eps).squeeze(-1)

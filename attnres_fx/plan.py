@@ -49,7 +49,14 @@ class Plan:
 
     def __str__(self) -> str:
         rows = [
-            (s.index if s.branch else "final", s.block, ", ".join(s.branch) or "(final norm)", s.num_sources, s.query or "-", s.key_weight or "-")
+            (
+                s.index if s.branch else "final",
+                s.block,
+                ", ".join(s.branch) or "(final norm)",
+                s.num_sources,
+                s.query or "-",
+                s.key_weight or "-",
+            )
             for s in (*self.sites, self.final)
         ]
         head = f"Block AttnRes: {len(self.sites)} sublayers, block_size {self.block_size}, {self.num_blocks} blocks\n"

@@ -100,7 +100,9 @@ def is_tensor(node: object) -> bool:
     if not isinstance(node, Node):
         return False
     val = node.meta.get("val")
-    return isinstance(val, torch.Tensor) or (isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val))
+    return isinstance(val, torch.Tensor) or (
+        isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val)
+    )
 
 
 def find_stream(graph: Graph) -> Stream:
@@ -230,7 +232,9 @@ class _StreamFinder:
     def _norm_readers(self, value: Node, adds: set[Node]) -> tuple[str, ...]:
         """The modules of the norm nodes that read `value` (the chain's own adds left out)."""
         readers = self._tensor_readers(value)
-        return tuple(dict.fromkeys(module_path(r) for r in readers if r not in adds and r.op != "output" and self.is_norm(r)))
+        return tuple(
+            dict.fromkeys(module_path(r) for r in readers if r not in adds and r.op != "output" and self.is_norm(r))
+        )
 
     def _unnormalized_reads(self, values: list[Node], chain: list[Site]) -> list[UnnormalizedRead]:
         adds = {s.add for s in chain}
@@ -287,7 +291,11 @@ def _shape(n: Node) -> tuple[str, ...]:
 
 
 def _same_tensor_type(n: Node, src: object) -> bool:
-    if not (isinstance(src, Node) and isinstance(n.meta.get("val"), torch.Tensor) and isinstance(src.meta.get("val"), torch.Tensor)):
+    if not (
+        isinstance(src, Node)
+        and isinstance(n.meta.get("val"), torch.Tensor)
+        and isinstance(src.meta.get("val"), torch.Tensor)
+    ):
         return False
     a, b = n.meta["val"], src.meta["val"]
     return a.dtype == b.dtype and _shape(n) == _shape(src) and a.device == b.device

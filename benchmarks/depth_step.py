@@ -90,23 +90,46 @@ def run(tokens: int, d: int, completed: int, block_size: int, device: str, dtype
     two_phase = torch.compile(two_phase_block, dynamic=False)
     plain = torch.compile(plain_block, dynamic=False)
     adds = torch.compile(residual_adds, dynamic=False)
-    torch.testing.assert_close(two_phase(blocks, inv_rms, queries, key_weights, partials), plain(blocks, queries, key_weights, partials), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        two_phase(blocks, inv_rms, queries, key_weights, partials),
+        plain(blocks, queries, key_weights, partials),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
     bandwidth = copy_bandwidth(16 * tokens * d, device, dtype, repeats)
     attn_bytes = elem * tokens * d * (completed + 2 * (block_size - 1) + 1)
     add_bytes = elem * tokens * d * 3 * block_size
     seconds = {
-        "two-phase (attnres_fx)": timed(lambda: two_phase(blocks, inv_rms, queries, key_weights, partials), device, repeats),
+        "two-phase (attnres_fx)": timed(
+            lambda: two_phase(blocks, inv_rms, queries, key_weights, partials), device, repeats
+        ),
         "plain (stack per sublayer)": timed(lambda: plain(blocks, queries, key_weights, partials), device, repeats),
         "residual adds (baseline)": timed(lambda: adds(stream, deltas), device, repeats),
     }
-    bounds = {"two-phase (attnres_fx)": attn_bytes, "plain (stack per sublayer)": attn_bytes, "residual adds (baseline)": add_bytes}
+    bounds = {
+        "two-phase (attnres_fx)": attn_bytes,
+        "plain (stack per sublayer)": attn_bytes,
+        "residual adds (baseline)": add_bytes,
+    }
     return {
-        "shape": {"tokens": tokens, "d": d, "completed_blocks": completed, "block_size": block_size, "dtype": str(dtype)},
+        "shape": {
+            "tokens": tokens,
+            "d": d,
+            "completed_blocks": completed,
+            "block_size": block_size,
+            "dtype": str(dtype),
+        },
         "device": torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)",
         "copy_bandwidth_gbs": bandwidth / 1e9,
         "rows": [
-            {"variant": name, "us": s * 1e6, "bytes": bounds[name], "bound_us": bounds[name] / bandwidth * 1e6, "x_bound": s * bandwidth / bounds[name]}
+            {
+                "variant": name,
+                "us": s * 1e6,
+                "bytes": bounds[name],
+                "bound_us": bounds[name] / bandwidth * 1e6,
+                "x_bound": s * bandwidth / bounds[name],
+            }
             for name, s in seconds.items()
         ],
     }
@@ -126,9 +149,17 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
-    report = run(args.tokens, args.d, args.completed, args.block_size, args.device, getattr(torch, args.dtype), args.repeats)
-    rows = [(r["variant"], f"{r['us']:.1f}", f"{r['bytes'] / 2**20:.1f}", f"{r['bound_us']:.1f}", f"{r['x_bound']:.2f}") for r in report["rows"]]
-    print(f"{report['shape']} on {report['device']}, torch {torch.__version__}; copy bandwidth {report['copy_bandwidth_gbs']:.1f} GB/s")
+    report = run(
+        args.tokens, args.d, args.completed, args.block_size, args.device, getattr(torch, args.dtype), args.repeats
+    )
+    rows = [
+        (r["variant"], f"{r['us']:.1f}", f"{r['bytes'] / 2**20:.1f}", f"{r['bound_us']:.1f}", f"{r['x_bound']:.2f}")
+        for r in report["rows"]
+    ]
+    print(
+        f"{report['shape']} on {report['device']}, torch {torch.__version__}; "
+        f"copy bandwidth {report['copy_bandwidth_gbs']:.1f} GB/s"
+    )
     print(tabulate(rows, headers=["one block", "us", "min MiB moved", "bound us", "x bound"]))
     path = Path(args.out) / f"depth-step-{args.device}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -76,7 +76,16 @@ def main() -> None:
         print(f"{r['model']}: {r['transform_s']:.1f}s, peak RSS {r['peak_rss_gb']:.2f} GB", file=sys.stderr)
     headers = ["model", "layers", "sublayers", "blocks", "parameters", "bf16 weights GB", "transform s", "peak RSS GB"]
     table = [
-        (r["model"], r["layers"], r["sublayers"], r["blocks"], f"{r['parameters'] / 1e9:.1f}B", f"{r['bf16_weights_gb']:.0f}", f"{r['transform_s']:.1f}", f"{r['peak_rss_gb']:.2f}")
+        (
+            r["model"],
+            r["layers"],
+            r["sublayers"],
+            r["blocks"],
+            f"{r['parameters'] / 1e9:.1f}B",
+            f"{r['bf16_weights_gb']:.0f}",
+            f"{r['transform_s']:.1f}",
+            f"{r['peak_rss_gb']:.2f}",
+        )
         for r in rows
     ]
     print(f"meta device, {platform.machine()}, torch {torch.__version__}\n" + tabulate(table, headers=headers))

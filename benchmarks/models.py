@@ -33,7 +33,11 @@ class HandWrittenAttnRes(Transformer):
 
     def forward(self, ids: Tensor, labels: Tensor) -> Tensor:
         blocks, partial = [self.embed(ids)], None
-        branches = [f for layer in self.layers for f in (lambda h, l=layer: l.attn(l.attn_norm(h)), lambda h, l=layer: l.mlp(l.mlp_norm(h)))]
+        branches = [
+            f
+            for layer in self.layers
+            for f in (lambda h, l=layer: l.attn(l.attn_norm(h)), lambda h, l=layer: l.mlp(l.mlp_norm(h)))
+        ]
         for j, f in enumerate(branches):
             sources = blocks + ([partial] if partial is not None else [])
             out = f(sources[0] if len(sources) == 1 else self.mix(sources, j))

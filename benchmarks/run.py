@@ -120,7 +120,9 @@ def saved_tensors(root: torch.autograd.graph.Node) -> Iterator[torch.Tensor]:
         for name in dir(node):
             if name.startswith("_saved_") or name == "saved_tensors":  # aten nodes / Python Functions
                 value = getattr(node, name)
-                yield from (v for v in (value if isinstance(value, tuple | list) else (value,)) if isinstance(v, torch.Tensor))
+                yield from (
+                    v for v in (value if isinstance(value, tuple | list) else (value,)) if isinstance(v, torch.Tensor)
+                )
         stack.extend(n for n, _ in node.next_functions)
 
 
@@ -132,7 +134,17 @@ def cold_compile_seconds(config: str, variant: str, device: str) -> float:
     """
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
-        cmd = [sys.executable, "-m", "benchmarks.run", "--config", config, "--device", device, "--threads", str(torch.get_num_threads())]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.run",
+            "--config",
+            config,
+            "--device",
+            device,
+            "--threads",
+            str(torch.get_num_threads()),
+        ]
         out = subprocess.run([*cmd, "--first-step-of", variant], env=env, capture_output=True, text=True, check=True)
     return float(out.stdout.split()[-1])
 
@@ -181,7 +193,19 @@ def table(report: dict) -> str:
                 "-" if r["compile_s"] is None else f"{r['compile_s'] / base['compile_s']:.2f}",
             )
         )
-    headers = ["variant", "train ms", "x base", "infer ms", "x base", "saved MiB", "x base", "peak train MiB", "x base", "compile s", "x base"]
+    headers = [
+        "variant",
+        "train ms",
+        "x base",
+        "infer ms",
+        "x base",
+        "saved MiB",
+        "x base",
+        "peak train MiB",
+        "x base",
+        "compile s",
+        "x base",
+    ]
     return tabulate(rows, headers=headers)
 
 
@@ -210,7 +234,9 @@ def main() -> None:
     report = run(args.config, args.device, args.rounds, args.variants.split(","), not args.no_eager)
     report["torch"] = torch.__version__
     text = table(report)
-    print(f"{args.config} {report['cfg']} on {report['device']}, torch {torch.__version__}, {args.rounds} rounds\n{text}")
+    print(
+        f"{args.config} {report['cfg']} on {report['device']}, torch {torch.__version__}, {args.rounds} rounds\n{text}"
+    )
     os.makedirs(args.out, exist_ok=True)
     path = Path(args.out) / f"{args.config}-{'cuda' if args.device == 'cuda' else 'cpu'}.json"
     path.write_text(json.dumps(report, indent=1))

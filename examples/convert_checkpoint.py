@@ -18,8 +18,13 @@ import attnres_fx
 from attnres_fx.demo.corpus import VOCAB_SIZE, load_corpus, sample_batch
 
 CONFIG = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=VOCAB_SIZE, max_position_embeddings=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB_SIZE,
+    max_position_embeddings=128,
 )
 
 

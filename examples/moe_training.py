@@ -24,8 +24,17 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     config = AutoConfig.for_model(
-        "mixtral", hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
-        num_local_experts=4, num_experts_per_tok=2, vocab_size=VOCAB_SIZE, max_position_embeddings=128, output_router_logits=True,
+        "mixtral",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        vocab_size=VOCAB_SIZE,
+        max_position_embeddings=128,
+        output_router_logits=True,
     )
     baseline = AutoModelForCausalLM.from_config(config)
     attnres = attnres_fx.transform(copy.deepcopy(baseline), num_blocks=4)

@@ -1,6 +1,6 @@
 """The main job: transform an HF Llama built from a config, print the plan, train it compiled.
 
-    python examples/quickstart.py
+python examples/quickstart.py
 """
 
 import time
@@ -14,8 +14,14 @@ import attnres_fx
 def main() -> None:
     torch.manual_seed(0)
     config = AutoConfig.for_model(
-        "llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=128,
+        "llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=128,
     )
     model = AutoModelForCausalLM.from_config(config)
     start = time.perf_counter()

@@ -31,7 +31,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=96, depth=6, num_heads=3, num_classes=4
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=96,
+        depth=6,
+        num_heads=3,
+        num_classes=4,
     )
     # timm's pretrained_cfg still says 224x224 after img_size=32, so give the example input explicitly
     model = attnres_fx.transform(model, (torch.randn(2, 3, 32, 32),), num_blocks=4)
@@ -50,7 +57,9 @@ def main() -> None:
             accuracy = (logits.argmax(-1) == labels).float().mean().item()
             print(f"step {step:3d}  loss {loss.item():.3f}  batch accuracy {accuracy:.2f}", flush=True)
     weights = attnres_fx.depth_weights(model, synthetic_batch(8, data)[0])
-    print("final aggregation weights over [patch embedding, blocks...]:", [round(w, 3) for w in weights["final"].tolist()])
+    print(
+        "final aggregation weights over [patch embedding, blocks...]:", [round(w, 3) for w in weights["final"].tolist()]
+    )
 
 
 if __name__ == "__main__":

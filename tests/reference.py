@@ -23,7 +23,13 @@ def mix(sources: list[Tensor], query: Tensor, key_weight: Tensor, eps: float) ->
     return torch.einsum("n...,n...d->...d", weights, values).to(sources[0].dtype)
 
 
-def block_attnres(start: Tensor, sublayers: Sequence[Sublayer], params: Sequence[tuple[Tensor, Tensor] | None], block_size: int, eps: float) -> Tensor:
+def block_attnres(
+    start: Tensor,
+    sublayers: Sequence[Sublayer],
+    params: Sequence[tuple[Tensor, Tensor] | None],
+    block_size: int,
+    eps: float,
+) -> Tensor:
     """The final aggregated stream. params[j] = (query, key weight) of sublayer j; the last entry is the final's."""
     blocks, partial = [start], None
     for j, f in enumerate(sublayers):
@@ -44,7 +50,9 @@ def llama_reference(model: nn.Module, ids: Tensor, params, block_size: int) -> T
     rope = inner.rotary_emb(h, pos)
     sublayers: list[Sublayer] = []
     for layer in inner.layers:
-        sublayers.append(lambda x, l=layer: l.self_attn(l.input_layernorm(x), position_embeddings=rope, attention_mask=None)[0])
+        sublayers.append(
+            lambda x, l=layer: l.self_attn(l.input_layernorm(x), position_embeddings=rope, attention_mask=None)[0]
+        )
         sublayers.append(lambda x, l=layer: l.mlp(l.post_attention_layernorm(x)))
     final = block_attnres(h, sublayers, params, block_size, inner.norm.variance_epsilon)
     return model.lm_head(inner.norm(final))

@@ -22,8 +22,14 @@ def step(model, args, kwargs):
 
 
 # Qwen3 and Mistral compile to what Llama does (same layer structure); CI keeps to one of the family.
-SAME_AS_LLAMA = pytest.mark.skipif(not os.environ.get("ATTNRES_SLOW"), reason="Llama-family duplicate; ATTNRES_SLOW=1 runs it")
-ARCHS = [pytest.param(a, marks=SAME_AS_LLAMA) if a in ("qwen3", "mistral") else a for a in zoo.ARCHITECTURES if a not in zoo.MOE]
+SAME_AS_LLAMA = pytest.mark.skipif(
+    not os.environ.get("ATTNRES_SLOW"), reason="Llama-family duplicate; ATTNRES_SLOW=1 runs it"
+)
+ARCHS = [
+    pytest.param(a, marks=SAME_AS_LLAMA) if a in ("qwen3", "mistral") else a
+    for a in zoo.ARCHITECTURES
+    if a not in zoo.MOE
+]
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -20,8 +20,17 @@ def test_fsdp2_per_layer_matches_one_process(mode: str, tmp_path: Path) -> None:
     import fsdp_worker
 
     out = tmp_path / "rank0.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(HERE / "fsdp_worker.py"), str(out), mode]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(HERE / "fsdp_worker.py"),
+        str(out),
+        mode,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -48,8 +57,11 @@ def test_a_model_sharded_before_transform_is_refused_with_what_to_do() -> None:
         model = zoo.llama()
         for layer in model.model.layers:
             fully_shard(layer, mesh=init_device_mesh("cpu", (1,)))
-        with pytest.raises(attnres_fx.AttnResError, match=r"submodule `model.layers.0` is already wrapped or sharded .* "
-                           r"Transform the unwrapped model first"):
+        with pytest.raises(
+            attnres_fx.AttnResError,
+            match=r"submodule `model.layers.0` is already wrapped or sharded .* "
+            r"Transform the unwrapped model first",
+        ):
             attnres_fx.transform(model)
     finally:
         dist.destroy_process_group()

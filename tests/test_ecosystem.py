@@ -56,8 +56,10 @@ def test_hooks_on_a_layer_see_the_depth_mix_it_reads(llama_pair) -> None:
     """A layer's input is the mix its first sublayer reads: at zero init the stream over its number of sources."""
     original, tmodel = llama_pair
     seen: dict[str, torch.Tensor] = {}
-    handles = [m.model.layers[2].register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(name, args[0]))
-               for name, m in (("original", original), ("transformed", tmodel))]
+    handles = [
+        m.model.layers[2].register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(name, args[0]))
+        for name, m in (("original", original), ("transformed", tmodel))
+    ]
     ids = zoo.token_ids()
     with torch.no_grad():
         original(input_ids=ids), tmodel(input_ids=ids)
@@ -263,8 +265,9 @@ def test_save_pretrained_then_from_pretrained_round_trips_and_other_settings_are
     ids = zoo.token_ids()
     torch.testing.assert_close(loaded(input_ids=ids).logits, tmodel(input_ids=ids).logits)
     other = attnres_fx.transform(zoo.llama(), block_size=4)
-    with pytest.raises(attnres_fx.AttnResError, match="block_size 2 over 8 sublayers; this model was transformed "
-                       "with block_size 4"):
+    with pytest.raises(
+        attnres_fx.AttnResError, match="block_size 2 over 8 sublayers; this model was transformed with block_size 4"
+    ):
         other.load_state_dict(saved)
 
 
@@ -287,8 +290,15 @@ def test_trainer_runs_steps_on_the_transformed_model(tmp_path) -> None:
     tmodel = randomise_(attnres_fx.transform(zoo.llama()).train())
     before = tmodel.attnres.site_2.query.detach().clone()
     data = [{"input_ids": ids, "labels": ids} for ids in zoo.token_ids(8, 16, seed=9)]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, report_to=[],
-                             use_cpu=True, save_strategy="no", learning_rate=1e-2)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        learning_rate=1e-2,
+    )
     result = Trainer(model=tmodel, args=args, train_dataset=data).train()
     assert result.global_step == 3
     assert not torch.equal(tmodel.attnres.site_2.query, before)

@@ -8,7 +8,6 @@ import torch
 import zoo
 
 import attnres_fx
-from attnres_fx import AttnResError
 
 
 @pytest.fixture(scope="module")

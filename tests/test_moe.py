@@ -33,7 +33,9 @@ def loss_and_grads(model, args, kwargs, ids):
     model.zero_grad()
     loss = lm_loss(model(*args, **kwargs), ids)
     loss.backward()
-    return loss.detach(), {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), {
+        n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+    }
 
 
 @pytest.mark.compile
@@ -64,8 +66,10 @@ def test_compiled_moe_training_matches_eager_and_lowers_the_loss(arch: str) -> N
         loss, _ = loss_and_grads(compiled, args, kwargs, ids)
         losses.append(loss.item())
     sublayers = len(attnres_fx.plan(tmodel).sites)
-    print(f"\n{arch}: {sublayers} sublayers, preservation {preservation:.1e}, loss {losses[0]:.3f} -> {losses[-1]:.3f} "
-          f"in {STEPS} compiled steps, compiled-vs-eager grads {grad_err:.1e}")
+    print(
+        f"\n{arch}: {sublayers} sublayers, preservation {preservation:.1e}, loss {losses[0]:.3f} -> {losses[-1]:.3f} "
+        f"in {STEPS} compiled steps, compiled-vs-eager grads {grad_err:.1e}"
+    )
     assert preservation < 5e-4
     assert losses[-1] < 0.8 * losses[0]
 

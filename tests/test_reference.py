@@ -24,7 +24,10 @@ def randomise_(tmodel: torch.nn.Module, seed: int = 0) -> list:
             site.query.copy_(0.5 * torch.randn(site.query.shape, generator=g))
             site.key_weight.copy_(1 + 0.3 * torch.randn(site.key_weight.shape, generator=g))
     tplan = attnres_fx.plan(tmodel)
-    return [(tmodel.get_parameter(s.query), tmodel.get_parameter(s.key_weight)) if s.query else None for s in (*tplan.sites, tplan.final)]
+    return [
+        (tmodel.get_parameter(s.query), tmodel.get_parameter(s.key_weight)) if s.query else None
+        for s in (*tplan.sites, tplan.final)
+    ]
 
 
 @pytest.mark.parametrize("block_size", [1, 2, 3, None])

@@ -53,7 +53,9 @@ def hf_causal_lm(model_type: str, **overrides) -> nn.Module:
     )
     base.update(overrides)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **base), attn_implementation=base.pop("attn_implementation"))
+    model = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(model_type, **base), attn_implementation=base.pop("attn_implementation")
+    )
     return unit_scale_(model).eval()
 
 
@@ -70,11 +72,15 @@ def mistral(layers: int = 4) -> nn.Module:
 
 
 def gpt2(layers: int = 4) -> nn.Module:
-    return hf_causal_lm("gpt2", n_embd=64, n_layer=layers, n_head=4, n_positions=64, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+    return hf_causal_lm(
+        "gpt2", n_embd=64, n_layer=layers, n_head=4, n_positions=64, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1
+    )
 
 
 def gpt_neox(layers: int = 4) -> nn.Module:
-    return hf_causal_lm("gpt_neox", num_hidden_layers=layers, use_parallel_residual=True, rotary_pct=0.5, hidden_dropout=0.0)
+    return hf_causal_lm(
+        "gpt_neox", num_hidden_layers=layers, use_parallel_residual=True, rotary_pct=0.5, hidden_dropout=0.0
+    )
 
 
 def mixtral(layers: int = 4) -> nn.Module:
@@ -83,13 +89,24 @@ def mixtral(layers: int = 4) -> nn.Module:
 
 def qwen2_moe(layers: int = 4) -> nn.Module:
     return hf_causal_lm(
-        "qwen2_moe", num_hidden_layers=layers, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64, decoder_sparse_step=1
+        "qwen2_moe",
+        num_hidden_layers=layers,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=64,
+        decoder_sparse_step=1,
     )
 
 
 def qwen3_moe(layers: int = 4) -> nn.Module:
     return hf_causal_lm(
-        "qwen3_moe", num_hidden_layers=layers, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+        "qwen3_moe",
+        num_hidden_layers=layers,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
         decoder_sparse_step=1,
     )
 
@@ -148,7 +165,9 @@ class LoopMoE(nn.Module):
         super().__init__()
         self.top_k = top_k
         self.router = nn.Linear(d, experts, bias=False)
-        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(d, 2 * d), nn.SiLU(), nn.Linear(2 * d, d)) for _ in range(experts))
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(d, 2 * d), nn.SiLU(), nn.Linear(2 * d, d)) for _ in range(experts)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -219,7 +238,9 @@ def bert() -> nn.Module:
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB)
+    cfg = BertConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB
+    )
     return BertModel(cfg).eval()
 
 
@@ -228,8 +249,16 @@ def vit(layers: int = 4) -> nn.Module:
 
     torch.manual_seed(0)
     model = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64, depth=layers, num_heads=4, num_classes=10,
-        drop_path_rate=0.1, init_values=0.5,
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=64,
+        depth=layers,
+        num_heads=4,
+        num_classes=10,
+        drop_path_rate=0.1,
+        init_values=0.5,
     )
     return unit_scale_(model).eval()
 

@@ -39,7 +39,10 @@ def run_demo(config: DemoConfig, out_dir: Path) -> dict:
     val_batches = train(config, corpus, variants)
 
     probe = val_batches[0]
-    rms = {"baseline": baseline_sublayer_rms(baseline.model, tplan, *probe), "attnres": attnres_sublayer_rms(attnres.model, *probe)}
+    rms = {
+        "baseline": baseline_sublayer_rms(baseline.model, tplan, *probe),
+        "attnres": attnres_sublayer_rms(attnres.model, *probe),
+    }
     weights = depth_weight_matrix(attnres.model, *probe)
     site_names = [s.name for s in tplan.parametrised]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -95,7 +98,15 @@ def _table(summaries: dict[str, dict]) -> str:
         )
         for name, s in summaries.items()
     ]
-    headers = ["model", "parameters", "final val loss", "best val loss", "train tokens/s", "step time vs baseline", "first step s"]
+    headers = [
+        "model",
+        "parameters",
+        "final val loss",
+        "best val loss",
+        "train tokens/s",
+        "step time vs baseline",
+        "first step s",
+    ]
     return tabulate(rows, headers=headers)
 
 

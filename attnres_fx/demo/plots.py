@@ -17,7 +17,14 @@ def loss_figure(val_loss: dict[str, list[tuple[int, float]]], tokens_per_step: i
     """Validation loss against training tokens, one curve per model."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, curve in val_loss.items():
-        ax.plot([s * tokens_per_step for s, _ in curve], [loss for _, loss in curve], "o-", ms=3, label=name, color=COLORS.get(name))
+        ax.plot(
+            [s * tokens_per_step for s, _ in curve],
+            [loss for _, loss in curve],
+            "o-",
+            ms=3,
+            label=name,
+            color=COLORS.get(name),
+        )
     ax.set(xlabel="training tokens", ylabel="validation loss (nats / byte)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -34,7 +41,11 @@ def magnitude_figure(rms: dict[str, list[float]], block_size: int) -> Figure:
     for edge in range(block_size, depth, block_size):
         ax.axvline(edge - 0.5, color="tab:blue", alpha=0.15, ls=":")
     ax.set_yscale("log")
-    ax.set(xlabel="sublayer (attention, MLP, attention, ...)", ylabel="RMS of sublayer output", title="Sublayer output magnitude by depth")
+    ax.set(
+        xlabel="sublayer (attention, MLP, attention, ...)",
+        ylabel="RMS of sublayer output",
+        title="Sublayer output magnitude by depth",
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
@@ -46,7 +57,9 @@ def weights_figure(matrix: Tensor, site_names: list[str]) -> Figure:
     rows, cols = matrix.shape
     fig, ax = plt.subplots(figsize=(2.0 + 0.6 * cols, 2.5 + 0.28 * rows))
     image = ax.imshow(matrix.numpy(), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
-    ax.set_xticks(range(cols), ["b0 (embed)", *(f"b{i}" for i in range(1, cols - 1)), "partial"], rotation=45, ha="right")
+    ax.set_xticks(
+        range(cols), ["b0 (embed)", *(f"b{i}" for i in range(1, cols - 1)), "partial"], rotation=45, ha="right"
+    )
     ax.set_yticks(range(rows), site_names)
     ax.set(xlabel="source", ylabel="site (reads the mix)", title="Learned depth-attention weights")
     fig.colorbar(image, ax=ax, label="mean softmax weight")

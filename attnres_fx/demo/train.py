@@ -103,7 +103,9 @@ def train(config: DemoConfig, corpus: Corpus, variants: list[Variant]) -> list[t
     """Train every variant for `config.steps` steps on the same batches; returns the validation batches."""
     data_rng = torch.Generator().manual_seed(config.seed)
     val_rng = torch.Generator().manual_seed(config.seed + 1)
-    val_batches = [sample_batch(corpus.val, config.batch_size, config.seq_len, val_rng) for _ in range(config.eval_batches)]
+    val_batches = [
+        sample_batch(corpus.val, config.batch_size, config.seq_len, val_rng) for _ in range(config.eval_batches)
+    ]
     progress = Progress(config.steps)
     for step in range(config.steps):
         ids, labels = sample_batch(corpus.train, config.batch_size, config.seq_len, data_rng)
