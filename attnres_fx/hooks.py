@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import functools
 import threading
+import weakref
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -59,10 +61,11 @@ class _LayerCall:
     """One call of one layer: the depth it started from, the mix its first sublayer reads, and what its norms have
     seen so far (reset when the first norm reads, so a recomputation starts from the same place)."""
 
-    def __init__(self, depth: _Depth, mix_in: Tensor, handed_in: Tensor):
-        self.entry = depth
+    def __init__(self, layer: int, depth: _Depth, mix_in: Tensor, handed_in: Tensor):
+        self.layer = layer
+        self.entry = _Depth(depth.site, depth.blocks, depth.inv_rms, None, depth.phase1)  # the partial is handed in
         self.mix_in = mix_in
-        self.handed_in = handed_in
+        self.handed_in = weakref.ref(handed_in)  # weak: a recomputation may be handed it again, or a copy
         self.restart()
 
     def restart(self) -> None:
@@ -88,13 +91,12 @@ class DepthRuntime:
     def _init_per_call_state(self) -> None:
         self._local = threading.local()  # .depth: after the last layer that returned; .layer: the layer running
         self._depth_of_input: WeakIdKeyDictionary = WeakIdKeyDictionary()  # eager: mix handed on -> its depth
-        self._call_of_input: WeakIdKeyDictionary = WeakIdKeyDictionary()  # eager: partial handed in -> layer call
-        # eager: each layer's last call with grad enabled, for recomputations handed copies (saved-tensor hooks,
-        # offloading); accepted only where the copy equals what that call was handed
-        self._last_training_call: dict[int, _LayerCall] = {}
+        # eager: per layer, its calls whose autograd graph is alive (each call is held by its output's graph node),
+        # for recomputations in the backward
+        self._recomputable: dict[int, list[weakref.ref[_LayerCall]]] = defaultdict(list)
 
     def __getstate__(self) -> dict[str, Any]:
-        per_call = ("_local", "_depth_of_input", "_call_of_input", "_last_training_call")
+        per_call = ("_local", "_depth_of_input", "_recomputable")
         return {k: v for k, v in self.__dict__.items() if k not in per_call}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -122,8 +124,8 @@ class DepthRuntime:
             if depth is None and live is not None and live.site == layer.first_site:
                 depth = live  # the input was wrapped on its way in (a full backward hook on the layer)
             elif depth is None and eager:  # no call in progress: a recomputation in the backward, handed a copy
-                last = self._last_training_call.get(i)
-                depth = last.entry if last is not None and _same_tensor(last.mix_in, x) else None
+                recomputed = self._recomputed_call(i, x, lambda c: c.mix_in)
+                depth = recomputed.entry if recomputed is not None else None
             if depth is None or depth.site != layer.first_site:
                 raise AttnResError(
                     f"`{layer.path}` (sublayers {layer.first_site}-{layer.end_site - 1}) was called without the layers "
@@ -134,20 +136,16 @@ class DepthRuntime:
             handed_in = torch.zeros_like(x)
         else:
             handed_in = depth.partial.clone() if layer.in_place else depth.partial
-        call = _LayerCall(depth, x, handed_in)
-        if eager:
-            self._call_of_input[handed_in] = call
-            if torch.is_grad_enabled():
-                self._last_training_call[i] = call
-            elif layer.first_site == 0:
-                self._last_training_call.clear()  # evaluation after training keeps nothing of it
+        call = _LayerCall(i, depth, x, handed_in)
         self._local.layer = call
         return _put(args, kwargs, layer.stream_arg, handed_in)
 
     def _read(self, i: int, site: int, module: nn.Module, args: tuple) -> tuple | None:
-        call = self._find_call(args[0], i if site == self.layers[i].first_site else None)
-        if call is None:  # the norm called on its own, outside a call of its layer: left as it is
-            return None
+        call = getattr(self._local, "layer", None)
+        if call is None or call.layer != i:  # not in a forward of this layer: a recomputation, or the norm alone
+            call = self._recomputing(i, site, args[0])
+            if call is None:
+                return None  # the norm called on its own, outside a call of its layer: left as it is
         if site == call.entry.site:
             call.restart()
             return (call.mix_in, *args[1:])
@@ -155,7 +153,7 @@ class DepthRuntime:
 
     def leave_layer(self, i: int, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
         layer = self.layers[i]
-        call = self._find_call(_get(args, kwargs, layer.stream_arg))
+        call = self._local.layer
         stream = output if layer.output_index is None else output[layer.output_index]
         if layer.in_place:  # the tensor the layer added to in place: what it holds now is kept as a copy
             stream = stream.clone()
@@ -173,25 +171,45 @@ class DepthRuntime:
             self._local.depth = depth
             if not torch.compiler.is_compiling():
                 self._depth_of_input[mix] = depth
+        if mix.grad_fn is not None and not torch.compiler.is_compiling():  # a backward may recompute this call
+            mix.grad_fn.metadata.setdefault("attnres_fx", []).append(call)  # downstream of all it holds: no cycle
+            self._recomputable[i].append(weakref.ref(call))
         if layer.output_index is None:
             return mix
         return type(output)((*output[: layer.output_index], mix, *output[layer.output_index + 1 :]))
 
-    def _find_call(self, handed_in: Tensor, layer: int | None = None) -> _LayerCall | None:
-        """The layer call that was handed `handed_in` (what the layer's first norm reads): by identity in eager mode
-        (a recomputation in the backward is handed the same tensors, or copies equal to them), else the layer running
-        on this thread (None outside layer calls)."""
-        compiling = torch.compiler.is_compiling()
-        call = None if compiling else self._call_of_input.get(handed_in)
-        live = getattr(self._local, "layer", None)
-        if call is None and (live is not None or compiling):
-            return live
-        if call is None and layer is not None:  # no call in progress: a recomputation in the backward, handed a copy
-            last = self._last_training_call.get(layer)
-            call = last if last is not None and _same_tensor(last.handed_in, handed_in) else None
-        if call is not None:
-            self._local.layer = call
-        return call
+    def _recomputing(self, i: int, site: int, given: Tensor) -> _LayerCall | None:
+        """The call of layer i that transformers' checkpointing recomputes (it reruns the layer's forward, not these
+        hooks): found by its first norm's input, then kept (weakly) for the layer's later norms."""
+        if torch.compiler.is_compiling():
+            return None
+        if site == self.layers[i].first_site:
+            call = self._recomputed_call(i, given, lambda c: c.handed_in())
+            self._local.recomputing = weakref.ref(call) if call is not None else None
+            return call
+        ref = getattr(self._local, "recomputing", None)
+        call = ref() if ref is not None else None
+        return call if call is not None and call.layer == i else None
+
+    def _recomputed_call(
+        self, i: int, given: Tensor, handed: Callable[[_LayerCall], Tensor | None]
+    ) -> _LayerCall | None:
+        """The call of layer i that a recomputation in the backward redoes, among those whose graph is alive: the one
+        that was handed the very tensor `given`, else the only one handed a tensor equal to it (a copy, under
+        saved-tensor hooks or offloading). None if none was: this is no recomputation."""
+        alive = [c for c in (ref() for ref in self._recomputable[i]) if c is not None]
+        self._recomputable[i] = [weakref.ref(c) for c in alive]
+        same = [c for c in alive if handed(c) is given]
+        found = same or [c for c in alive if (t := handed(c)) is not None and _same_tensor(t, given)]
+        if len(found) > 1:
+            raise AttnResError(
+                f"`{self.layers[i].path}` is being recomputed (activation checkpointing) from copies of its inputs, "
+                "and "
+                f"{len(found)} of its calls that await their backward were handed equal inputs, so the depth state "
+                "of the one being recomputed cannot be told. Run each backward before the next forward with the same "
+                "inputs, or checkpoint without offloading."
+            )
+        return found[0] if found else None
 
     # --- depth attention -----------------------------------------------------------------------------------------
 

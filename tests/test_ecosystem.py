@@ -165,6 +165,23 @@ def test_checkpointed_recomputation_belongs_to_its_own_call() -> None:
     torch.testing.assert_close(tmodel.attnres.site_3.query.grad, expected[0])
 
 
+def test_nothing_of_a_call_outlives_its_backward() -> None:
+    import gc
+
+    tmodel = attnres_fx.transform(zoo.llama()).train()
+    tmodel.gradient_checkpointing_enable()
+    ids = zoo.token_ids()
+    with torch.autograd.graph.save_on_cpu():  # the recomputation is handed copies: found by value
+        loss = tmodel(input_ids=ids, labels=ids).loss
+    runtime = tmodel.model.layers[0].forward.runtime
+    held = [ref for refs in runtime._recomputable.values() for ref in refs]
+    assert held and all(ref() is not None for ref in held)
+    loss.backward()
+    del loss
+    gc.collect()
+    assert all(ref() is None for ref in held) and len(runtime._depth_of_input) == 0
+
+
 # --- PEFT ----------------------------------------------------------------------------------------------------------
 
 
