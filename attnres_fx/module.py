@@ -75,8 +75,9 @@ class AttnResModel(nn.Module):
         value = getattr(original, name)
         if inspect.ismethod(value):
             raise UnsupportedMethodError(
-                f"`{type(original).__name__}.{name}` is a method of the original model; calling it would "
-                "run the original forward without AttnRes, so the transformed model does not expose it. "
-                "Call the transformed model itself (KV-cache generation is not supported yet)."
+                f"`{type(original).__name__}.{name}` is a method of the original model. This model's stream could not "
+                f"be followed through its modules ({self.attnres.plan.execution}), so it runs as a replayed graph, "
+                "and the method would run the original forward without AttnRes: it is not exposed. Call the "
+                "transformed model itself."
             )
         return value

@@ -24,6 +24,16 @@ class PlanSite:
     eps: float
 
     @property
+    def num_completed(self) -> int:
+        """How many of the sources are completed blocks (the stream start included)."""
+        return self.block + 1
+
+    @property
+    def has_partial(self) -> bool:
+        """Whether the last source is the current block's partial sum."""
+        return self.num_sources > self.num_completed
+
+    @property
     def name(self) -> str:
         """`site_<j>` or `final`: the submodule of `attnres` holding this site's parameters."""
         return site_name(self.index, self.branch)

@@ -3,12 +3,10 @@
 For sublayer j the stream value h_j (the output of add j-1) is replaced, for every reader, by the
 depth attention over [stream start, completed blocks, partial sum]; the final stream value by the
 final aggregation. The residual adds themselves disappear. Every new node carries
-`meta["attnres"]` so that later passes can find the sites without re-deriving the plan.
+`meta["attnres"]`, its PlanSite, so that later passes can find the sites without re-deriving the plan.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch.fx import Graph, Node
@@ -17,16 +15,6 @@ from . import ops
 from .capture import CapturedGraph
 from .plan import Plan, PlanSite
 from .stream import Stream
-
-
-@dataclass(frozen=True)
-class SiteMeta:
-    """What a depth-attention node is, recorded on the node for the optimisation passes."""
-
-    site: int
-    num_completed: int  # the first `num_completed` sources are completed blocks (b_0 included)
-    has_partial: bool  # the last source is the current block's partial sum
-    eps: float
 
 
 def rewrite(captured: CapturedGraph, stream: Stream, plan: Plan) -> None:
@@ -47,7 +35,7 @@ def rewrite(captured: CapturedGraph, stream: Stream, plan: Plan) -> None:
         sources = blocks + ([partial] if partial is not None else [])
         with graph.inserting_after(site.add):
             mixed = graph.call_function(ops.depth_attention, (sources, *params[plan_site.index], plan_site.eps))
-        mixed.meta["attnres"] = SiteMeta(plan_site.index, len(blocks), partial is not None, plan_site.eps)
+        mixed.meta["attnres"] = plan_site
         mixed.meta["val"] = site.add.meta["val"]
         site.add.replace_all_uses_with(mixed, delete_user_cb=lambda user, new=mixed: user is not new)
         graph.erase_node(site.add)

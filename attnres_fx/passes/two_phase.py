@@ -14,7 +14,7 @@ from collections import defaultdict
 from torch.fx import GraphModule, Node
 
 from .. import ops
-from ..rewrite import SiteMeta
+from ..plan import PlanSite
 
 
 def two_phase(gm: GraphModule) -> None:
@@ -22,7 +22,7 @@ def two_phase(gm: GraphModule) -> None:
     groups: dict[tuple[tuple[Node, ...], float], list[Node]] = defaultdict(list)
     for node in graph.nodes:
         if node.target is ops.depth_attention:
-            meta: SiteMeta = node.meta["attnres"]
+            meta: PlanSite = node.meta["attnres"]
             groups[tuple(node.args[0][: meta.num_completed]), meta.eps].append(node)
     inverse_rms: dict[tuple[Node, float], Node] = {}
     for (blocks, eps), sites in groups.items():
@@ -40,7 +40,7 @@ def _rewrite_block(
     with graph.inserting_before(sites[0]):
         stats = graph.call_function(ops.block_scores, (blocks, rms, queries, key_weights))
     for k, site in enumerate(sites):
-        meta: SiteMeta = site.meta["attnres"]
+        meta: PlanSite = site.meta["attnres"]
         with graph.inserting_before(site):
             if meta.has_partial:
                 args = (stats, k, site.args[0][-1], site.args[1], site.args[2], eps)
