@@ -66,3 +66,15 @@ def test_bad_options_are_refused() -> None:
         attnres_fx.transform(zoo.nanogpt(), (zoo.token_ids(),), block_size=0)
     with pytest.raises(AttnResError, match="takes a model returned by attnres_fx.transform"):
         attnres_fx.plan(zoo.nanogpt())
+
+
+def test_a_replayed_model_refuses_the_original_methods_that_would_bypass_attnres() -> None:
+    class WithGenerate(zoo.Residual3D):
+        def generate(self, x: torch.Tensor) -> torch.Tensor:
+            return self(x)
+
+    tmodel = attnres_fx.transform(WithGenerate(), (torch.randn(2, 5, 32),))
+    assert attnres_fx.plan(tmodel).execution.startswith("whole-graph replay")
+    assert isinstance(tmodel.final, torch.nn.LayerNorm) and not hasattr(tmodel, "generate")  # modules stay visible
+    with pytest.raises(AttnResError, match="runs as a replayed graph"):
+        _ = tmodel.generate
