@@ -38,6 +38,8 @@ def main() -> None:
         optimizer.zero_grad()
         if step % 5 == 0 or step == 19:
             print(f"step {step:2d}  loss {loss.item():.4f}")
+    tokens = model.generate(ids[:1, :8], max_new_tokens=8, do_sample=False)  # the model's own, with its KV cache
+    print("generated:", tokens[0, 8:].tolist())
     weights = attnres_fx.depth_weights(model, input_ids=ids)
     print("final aggregation weights over [embedding, blocks...]:", [round(w, 3) for w in weights["final"].tolist()])
 
