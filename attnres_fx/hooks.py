@@ -171,7 +171,7 @@ class DepthRuntime:
             self._local.depth = depth
             if not torch.compiler.is_compiling():
                 self._depth_of_input[mix] = depth
-        if mix.grad_fn is not None and not torch.compiler.is_compiling():  # a backward may recompute this call
+        if not torch.compiler.is_compiling() and mix.grad_fn is not None:  # a backward may recompute this call
             mix.grad_fn.metadata.setdefault("attnres_fx", []).append(call)  # downstream of all it holds: no cycle
             self._recomputable[i].append(weakref.ref(call))
         if layer.output_index is None:
