@@ -226,17 +226,20 @@ def test_dtype_moves_and_autocast_in_any_order_with_any_call_form(llama_pair) ->
     _, tmodel = llama_pair
     tmodel = copy.deepcopy(tmodel)
     ids = zoo.token_ids()
-    assert tmodel(input_ids=ids).logits.dtype == torch.float32
+    calls = [lambda: tmodel(input_ids=ids), lambda: tmodel(ids), lambda: tmodel(input_ids=ids, labels=ids)]
+    for call in calls:  # each call form used in fp32 first, then again after every change
+        assert call().logits.dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert tmodel(input_ids=ids, labels=ids).logits.dtype == torch.bfloat16
+        assert all(call().logits.dtype == torch.bfloat16 for call in calls)
     tmodel.to(torch.bfloat16)
     assert {p.dtype for p in tmodel.parameters()} == {torch.bfloat16}
-    out = tmodel(ids)
-    assert out.logits.dtype == torch.bfloat16
+    assert all(call().logits.dtype == torch.bfloat16 for call in calls)
     weights = attnres_fx.depth_weights(tmodel, input_ids=ids)
     assert all(w.dtype == torch.float32 for w in weights.values())  # softmax statistics stay fp32
-    tmodel.half().float()
-    assert tmodel(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.dtype == torch.float32
+    tmodel.half()
+    assert all(call().logits.dtype == torch.float16 for call in calls)
+    tmodel.float()
+    assert all(call().logits.dtype == torch.float32 for call in calls)
 
 
 def test_a_failing_call_leaves_grad_mode_as_it_was(llama_pair) -> None:
