@@ -51,6 +51,7 @@ def main(out_path: str, compiled: bool) -> None:
     dist.all_gather(losses, loss.detach())
     if rank == 0:
         torch.save({"loss": torch.stack(losses).mean(), "grads": grads}, out_path)
+    dist.barrier()  # neither rank tears the group down while the other still uses it
     dist.destroy_process_group()
 
 
