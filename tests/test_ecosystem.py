@@ -182,6 +182,28 @@ def test_nothing_of_a_call_outlives_its_backward() -> None:
     assert all(ref() is None for ref in held) and len(runtime._depth_of_input) == 0
 
 
+def test_concurrent_calls_on_two_threads_keep_their_own_state(llama_pair) -> None:
+    import threading
+
+    _, tmodel = llama_pair
+    inputs = [zoo.token_ids(2, 16, seed=s) for s in (11, 12)]
+    with torch.no_grad():
+        expected = [tmodel(input_ids=ids).logits for ids in inputs]
+        results: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+
+        def work(k: int) -> None:
+            for _ in range(20):
+                results[k].append(tmodel(input_ids=inputs[k]).logits)
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for k in (0, 1):
+        assert len(results[k]) == 20 and all(torch.equal(r, expected[k]) for r in results[k])
+
+
 # --- PEFT ----------------------------------------------------------------------------------------------------------
 
 
