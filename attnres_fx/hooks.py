@@ -155,6 +155,7 @@ class DepthRuntime:
         layer = self.layers[i]
         call = self._local.layer
         stream = output if layer.output_index is None else output[layer.output_index]
+        stream = stream.reshape(call.mix_in.shape)
         if layer.in_place:  # the tensor the layer added to in place: what it holds now is kept as a copy
             stream = stream.clone()
         partial = stream if call.base is None else stream - call.base
@@ -215,17 +216,19 @@ class DepthRuntime:
 
     def _mix_inside(self, call: _LayerCall, site: int, stream: Tensor, in_place: bool) -> Tensor:
         """The mix that sublayer `site` reads, given the stream value inside the layer (partial sums since the layer
-        started, on top of the partial sum it was handed). A layer with in-place adds changes that value after the
-        norm has read it, so a copy is kept."""
+        started, on top of the partial sum it was handed), in whatever view of the stream the norm reads (a layer may
+        flatten it). A layer with in-place adds changes that value after the norm has read it, so a copy is kept."""
         if call.cached is not None and call.cached[0] == site and call.cached[1] is stream:
             return call.cached[2]  # a second norm reading the same sublayer input (parallel residual)
-        value = stream.clone() if in_place else stream
+        value = stream.reshape(call.mix_in.shape)
+        value = value.clone() if in_place else value
         partial = value if call.base is None else value - call.base
         if site % self.plan.block_size == 0:
             call.depth, call.base = self._complete(call.depth, partial, site), value
             mix = self._mix(call.depth, site, None)
         else:
             mix = self._mix(call.depth, site, partial)
+        mix = mix.reshape(stream.shape)
         call.cached = (site, stream, mix)
         return mix
 

@@ -97,7 +97,8 @@ def _layers_from_graph(stream: Stream) -> list[LayerLayout] | str:
                     f"`{owner}`"
                 )
             readers += [(p, j) for p in stream.sites[j].readers]
-        in_place = any(stream.sites[j].add.target is torch.ops.aten.add_.Tensor for j in sites)
+        adds = [a for j in sites for a in (stream.sites[j].add, *stream.sites[j].inner_adds)]
+        in_place = any(a.target is torch.ops.aten.add_.Tensor for a in adds)
         layers.append(LayerLayout(owner, sites[0], len(sites), tuple(readers), in_place))
     return layers
 

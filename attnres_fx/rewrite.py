@@ -26,7 +26,9 @@ def rewrite(captured: CapturedGraph, stream: Stream, plan: Plan) -> None:
     size = plan.block_size
     for j, site in enumerate(stream.sites):
         with graph.inserting_before(site.add):
-            delta = _as_dtype(graph, site.branch, site.add)
+            delta = _as_dtype(graph, site.branches[0], site.add)
+            for branch in site.branches[1:]:  # a parallel sublayer written `(h + a) + m`
+                delta = graph.call_function(torch.ops.aten.add.Tensor, (delta, _as_dtype(graph, branch, site.add)))
             partial = delta if partial is None else graph.call_function(torch.ops.aten.add.Tensor, (partial, delta))
         if (j + 1) % size == 0:
             blocks.append(partial)

@@ -36,6 +36,7 @@ _ALIAS_OPS = {
     aten.alias.default,
     aten.contiguous.default,
 }
+_VIEW_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 _MATMUL_OPS = {
     aten.linear.default,
     aten.mm.default,
@@ -53,13 +54,15 @@ DEFAULT_EPS = 1e-6
 
 @dataclass
 class Site:
-    """One residual sublayer: `add = stream + branch`."""
+    """One residual sublayer: `add = stream + sum(branches)`; a parallel layer written `(h + a) + m` has two
+    branches, and its inner add `h + a` is part of the sublayer."""
 
     add: Node
     stream: Node
-    branch: Node
+    branches: tuple[Node, ...]
     branch_modules: tuple[str, ...]
     eps: float
+    inner_adds: tuple[Node, ...] = ()
     readers: tuple[str, ...] = ()  # modules of the norms that read `stream` (filled once the chain is known)
 
 
@@ -129,15 +132,18 @@ class _StreamFinder:
             if n.op != "call_function" or n.target not in _ADDS or not _is_plain_add(n):
                 continue
             site, raw = self._classify_add(n)
+            site = site or self._parallel_extension(n, sites)
             if site is not None:
                 sites[n] = site
+                for inner in site.inner_adds:
+                    sites.pop(inner, None)
             elif raw:
                 unnormalized_adds.append((n, module_path(n)))
         chain = self._longest_chain(sites)
         if not chain:
             return Stream(None, [], DEFAULT_EPS, [], unnormalized_adds)
         values = [chain[0].stream] + [s.add for s in chain]
-        adds = {s.add for s in chain}
+        adds = _chain_adds(chain)
         for site in chain:
             site.readers = self._norm_readers(site.stream, adds)
         final_eps = self._eps_of_readers(values[-1])
@@ -156,13 +162,35 @@ class _StreamFinder:
             first_steps = [u for u in self._tensor_readers(stream) if u in ancestors or u is y]
             region = self._between(stream, ancestors)
             if first_steps and all(self.is_norm(u) for u in first_steps):
-                return Site(add, stream, y, self._branch_modules(add, region), self._eps_of_readers(stream)), False
+                return Site(add, stream, (y,), self._branch_modules(add, region), self._eps_of_readers(stream)), False
             raw = raw or any(r.target in _MATMUL_OPS for r in region)
         return None, raw
 
+    def _parallel_extension(self, add: Node, sites: dict[Node, Site]) -> Site | None:
+        """`(h + a) + m` where `h + a` is a site and `m` reads `h` through a norm: one parallel sublayer."""
+        for x, y in (add.args[:2], add.args[1::-1]):
+            inner = sites.get(self.root(x))
+            if inner is None:
+                continue
+            ancestors = self._ancestors(y, stop_before=self.index[inner.stream])
+            first_steps = [u for u in self._tensor_readers(inner.stream) if u in ancestors or u is y]
+            if inner.add in ancestors or not first_steps or not all(self.is_norm(u) for u in first_steps):
+                continue
+            modules = self._branch_modules(add, self._between(inner.stream, ancestors))
+            return Site(
+                add,
+                inner.stream,
+                (*inner.branches, y),
+                tuple(dict.fromkeys((*inner.branch_modules, *modules))),
+                inner.eps,
+                (*inner.inner_adds, inner.add),
+            )
+        return None
+
     def root(self, n: Node) -> Node:
-        """Look through ops that return their input unchanged (a `.to()` to the same dtype, clone...)."""
-        while n.op == "call_function" and n.target in _ALIAS_OPS and _same_tensor_type(n, n.args[0]):
+        """Look through ops that return their input's values (a `.to()` to the same dtype, clone, a reshape that
+        keeps the feature dim...)."""
+        while _passes_values_through(n):
             n = n.args[0]
         return n
 
@@ -175,7 +203,7 @@ class _StreamFinder:
                     if u.op == "output":
                         readers.append(u)
                     continue
-                if u.target in _ALIAS_OPS and _same_tensor_type(u, u.args[0]) and not self.is_norm(u):
+                if _passes_values_through(u) and not self.is_norm(u):
                     todo.append(u)
                 else:
                     readers.append(u)
@@ -237,7 +265,7 @@ class _StreamFinder:
         )
 
     def _unnormalized_reads(self, values: list[Node], chain: list[Site]) -> list[UnnormalizedRead]:
-        adds = {s.add for s in chain}
+        adds = _chain_adds(chain)
         reads = []
         for i, value in enumerate(values):
             for r in self._tensor_readers(value):
@@ -275,6 +303,25 @@ def _norm_eps(nodes: list[Node]) -> float | None:
             if isinstance(arg, Node) and arg.target == aten.add.Tensor and isinstance(arg.args[1], (int, float)):
                 return float(arg.args[1])
     return None
+
+
+def _passes_values_through(n: Node) -> bool:
+    """An alias of its input (same dtype and shape), or a view of it that keeps the feature (last) dim."""
+    if n.op != "call_function" or not n.args:
+        return False
+    if n.target in _ALIAS_OPS:
+        return _same_tensor_type(n, n.args[0])
+    if n.target in _VIEW_OPS and isinstance(n.args[0], Node) and isinstance(n.args[0].meta.get("val"), torch.Tensor):
+        a, b = n.meta.get("val"), n.args[0].meta["val"]
+        return (
+            isinstance(a, torch.Tensor) and a.dtype == b.dtype and a.dim() >= 1 and str(a.shape[-1]) == str(b.shape[-1])
+        )
+    return False
+
+
+def _chain_adds(chain: list[Site]) -> set[Node]:
+    """Every add that belongs to the chain's sublayers."""
+    return {a for s in chain for a in (s.add, *s.inner_adds)}
 
 
 def _is_plain_add(n: Node) -> bool:
