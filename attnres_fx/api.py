@@ -222,31 +222,53 @@ def _checked_stream(captured: CapturedGraph, model: nn.Module, allow_unnormalize
         )
         raise NoResidualStreamError(_no_stream_message(name, stream) + hidden)
     if stream.unnormalized_reads and not allow_unnormalized_reads:
-        first = stream.unnormalized_reads[:3]
-        where = "; ".join(
-            f"stream value {r.stream_index} read by `{r.reader.target}` in `{r.module or name}`" for r in first
-        )
-        raise UnnormalizedReadError(
-            f"{name}: found a pre-norm residual stream of {len(stream.sites)} sublayers, but the stream is also read "
-            f"without a norm ({len(stream.unnormalized_reads)} reads: {where}). AttnRes feeds such readers the "
-            "depth mix, which is the stream divided by the number of sources at init, so the transformed model "
-            "would not compute the original function. Typical causes: returning hidden states "
-            "(output_hidden_states=True), a norm after the branch, a post-norm layer. Call the model without "
-            "those outputs, or pass allow_unnormalized_reads=True to transform anyway."
-        )
+        raise UnnormalizedReadError(_raw_read_message(name, stream))
     return stream
 
 
+def _raw_read_message(name: str, stream: Stream) -> str:
+    """What reads the stream without a norm, and what to do: only a returned value is the user's to choose."""
+    reads = stream.unnormalized_reads
+    returned = [r for r in reads if r.reader.op == "output"]
+    inside = [r for r in reads if r.reader.op != "output"]
+    head = f"{name}: found a pre-norm residual stream of {len(stream.sites)} sublayers, "
+    if inside:
+        r = inside[0]
+        return head + (
+            f"but inside the model {_stream_value(r.stream_index)} is also read without a norm, by "
+            f"`{r.reader.target}` in `{r.module or name}` ({len(inside)} such reads). AttnRes would hand that op a "
+            "depth mix (at init the stream over its number of sources) instead of the stream, so the transformed "
+            "model would not compute the original function; attnres_fx transforms models whose stream is read only "
+            "through norms (pre-norm)."
+        )
+    values = ", ".join(_stream_value(r.stream_index) for r in returned[:3])
+    return head + (
+        f"and this call returns stream values without a norm ({values}{', ...' if len(returned) > 3 else ''}; "
+        "hidden states, e.g. `output_hidden_states=True`). Transformed, such outputs are depth mixes (at init the "
+        "stream over its number of sources). Transform with an example call that does not return them, or pass "
+        "allow_unnormalized_reads=True to accept mixes as those outputs."
+    )
+
+
+def _stream_value(index: int) -> str:
+    return "the stream's start" if index == 0 else f"the stream after sublayer {index - 1}"
+
+
 def _no_stream_message(name: str, stream: Stream) -> str:
-    raw = [path for _, path in stream.unnormalized_adds]
+    raw = stream.raw_residuals
     if raw:
-        where = ", ".join(f"`{p or name}`" for p in raw[:3])
+        r = raw[0]
+        if r.post_norm:
+            kind = "the sum is normalised after the add (post-norm)"
+        elif r.branch_normed:
+            kind = "the branch output is normalised before the add, not its input"
+        else:
+            kind = "no norm comes before it"
         return (
-            f"{name}: found {len(raw)} residual adds `h + f(h)` (first in {where}) but in none of them does the "
-            "branch read the stream through a norm: this is a post-norm model (norm after the add, like BERT) "
-            "or one that normalises the branch output instead of its input (like OLMo2). At zero init AttnRes "
-            "would change such a model's function, so it is refused: attnres_fx supports pre-norm residual "
-            "models (`h + f(norm(h))`)."
+            f"{name}: found {len(raw)} residual adds `h + f(h)`, none of them pre-norm. In the first, in "
+            f"`{r.module or name}`, the branch reads h first through `{r.first_read}` in "
+            f"`{r.first_read_module or name}`, and {kind}. At zero init AttnRes would change such a model's "
+            "function, so it is refused: attnres_fx transforms pre-norm residual models (`h + f(norm(h))`)."
         )
     return (
         f"{name}: found no residual add `h + f(norm(h))` in the captured graph, so there is no residual stream to "

@@ -76,6 +76,17 @@ class UnnormalizedRead:
 
 
 @dataclass
+class RawResidual:
+    """An add `h + f(h)` whose branch reads `h` without a norm first: what was found, for the refusal."""
+
+    module: str  # the module whose forward holds the add
+    first_read: str  # the op that reads `h` first in the branch
+    first_read_module: str
+    post_norm: bool  # the sum is normalised after the add (BERT)
+    branch_normed: bool  # the branch output is normalised before the add (OLMo2)
+
+
+@dataclass
 class Stream:
     """The residual chain: its start, its sites in order, and how its final value is normalised."""
 
@@ -83,7 +94,7 @@ class Stream:
     sites: list[Site]
     final_eps: float
     unnormalized_reads: list[UnnormalizedRead]
-    unnormalized_adds: list[tuple[Node, str]]  # `h + f(h)` adds whose branch reads h raw
+    raw_residuals: list[RawResidual]  # `h + f(h)` adds whose branch reads h raw
 
 
 def module_path(node: Node) -> str:
@@ -127,7 +138,7 @@ class _StreamFinder:
 
     def find(self) -> Stream:
         sites: dict[Node, Site] = {}
-        unnormalized_adds: list[tuple[Node, str]] = []
+        raw_residuals: list[RawResidual] = []
         for n in self.nodes:
             if n.op != "call_function" or n.target not in _ADDS or not _is_plain_add(n):
                 continue
@@ -138,22 +149,22 @@ class _StreamFinder:
                 for inner in site.inner_adds:
                     sites.pop(inner, None)
             elif raw:
-                unnormalized_adds.append((n, module_path(n)))
+                raw_residuals.append(raw)
         chain = self._longest_chain(sites)
         if not chain:
-            return Stream(None, [], DEFAULT_EPS, [], unnormalized_adds)
+            return Stream(None, [], DEFAULT_EPS, [], raw_residuals)
         values = [chain[0].stream] + [s.add for s in chain]
         adds = _chain_adds(chain)
         for site in chain:
             site.readers = self._norm_readers(site.stream, adds)
         final_eps = self._eps_of_readers(values[-1])
-        return Stream(chain[0].stream, chain, final_eps, self._unnormalized_reads(values, chain), unnormalized_adds)
+        return Stream(chain[0].stream, chain, final_eps, self._unnormalized_reads(values, chain), raw_residuals)
 
     # --- one add -------------------------------------------------------------------------------
 
-    def _classify_add(self, add: Node) -> tuple[Site | None, bool]:
-        """(site, False) for a pre-norm residual; (None, True) for `h + f(h)` with f reading h raw."""
-        raw = False
+    def _classify_add(self, add: Node) -> tuple[Site | None, RawResidual | None]:
+        """(site, None) for a pre-norm residual; (None, what was found) for `h + f(h)` with f reading h raw."""
+        raw = None
         for x, y in (add.args[:2], add.args[1::-1]):
             stream = self.root(x)
             ancestors = self._ancestors(y, stop_before=self.index[stream])
@@ -162,8 +173,12 @@ class _StreamFinder:
             first_steps = [u for u in self._tensor_readers(stream) if u in ancestors or u is y]
             region = self._between(stream, ancestors)
             if first_steps and all(self.is_norm(u) for u in first_steps):
-                return Site(add, stream, (y,), self._branch_modules(add, region), self._eps_of_readers(stream)), False
-            raw = raw or any(r.target in _MATMUL_OPS for r in region)
+                return Site(add, stream, (y,), self._branch_modules(add, region), self._eps_of_readers(stream)), None
+            if raw is None and any(r.target in _MATMUL_OPS for r in region):
+                first = next(u for u in first_steps if not self.is_norm(u))
+                post_norm = any(self.is_norm(r) for r in self._tensor_readers(add) if r.op != "output")
+                branch_normed = self.is_norm(self.root(y))
+                raw = RawResidual(module_path(add), _op_name(first), module_path(first), post_norm, branch_normed)
         return None, raw
 
     def _parallel_extension(self, add: Node, sites: dict[Node, Site]) -> Site | None:
@@ -195,18 +210,25 @@ class _StreamFinder:
         return n
 
     def _tensor_readers(self, value: Node) -> list[Node]:
-        """Tensor-valued readers of `value`, looking through alias ops that are not norm nodes."""
-        readers, todo = [], [value]
+        """Tensor-valued readers of `value`, looking through ops that pass its values on. Such an op inside a norm
+        (Llama's `x.to(float32)`, an alias in fp32) is the norm's read, but what outside the norm reads the op's
+        result reads the stream raw (a returned hidden state, a residual add): those are readers too."""
+        readers, todo = [], [(value, None)]
         while todo:
-            for u in todo.pop().users:
+            node, norm = todo.pop()
+            for u in node.users:
+                if norm is not None and _inside(u, norm):
+                    continue  # the norm's own computation
                 if not is_tensor(u) or u.op == "output":
                     if u.op == "output":
                         readers.append(u)
                     continue
                 if _passes_values_through(u) and not self.is_norm(u):
-                    todo.append(u)
-                else:
-                    readers.append(u)
+                    todo.append((u, None))
+                    continue
+                readers.append(u)
+                if _passes_values_through(u) and u.target not in _NORM_OPS:
+                    todo.append((u, module_path(u)))
         return readers
 
     def _ancestors(self, node: Node, stop_before: int) -> set[Node]:
@@ -317,6 +339,16 @@ def _passes_values_through(n: Node) -> bool:
             isinstance(a, torch.Tensor) and a.dtype == b.dtype and a.dim() >= 1 and str(a.shape[-1]) == str(b.shape[-1])
         )
     return False
+
+
+def _op_name(node: Node) -> str:
+    target = node.target
+    return str(getattr(target, "__name__", target)).removesuffix(".default") if node.op == "call_function" else node.op
+
+
+def _inside(node: Node, module: str) -> bool:
+    path = module_path(node)
+    return path == module or path.startswith(module + ".")
 
 
 def _chain_adds(chain: list[Site]) -> set[Node]:

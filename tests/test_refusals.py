@@ -17,7 +17,7 @@ def test_post_norm_bert_is_refused() -> None:
 
 
 def test_norm_after_the_branch_is_refused() -> None:
-    with pytest.raises(NoResidualStreamError, match=r"found 2 residual adds .* normalises the branch output"):
+    with pytest.raises(NoResidualStreamError, match=r"found 2 residual adds .* branch output is normalised before"):
         attnres_fx.transform(zoo.NormAfterBranch(), (zoo.token_ids(),))
 
 
@@ -28,7 +28,7 @@ def test_model_without_residual_stream_is_refused() -> None:
 
 def test_raw_stream_read_is_refused_unless_allowed() -> None:
     model, x = zoo.RawHiddenOutput(), torch.randn(2, 5, 32)
-    with pytest.raises(UnnormalizedReadError, match="read without a norm .* allow_unnormalized_reads=True"):
+    with pytest.raises(UnnormalizedReadError, match="returns stream values without a norm .* allow_unnormalized_reads"):
         attnres_fx.transform(model, (x,))
     tmodel = attnres_fx.transform(model, (x,), allow_unnormalized_reads=True)
     assert [s.branch for s in attnres_fx.plan(tmodel).sites] == [("layers.0",), ("layers.1",)]
@@ -78,3 +78,47 @@ def test_a_replayed_model_refuses_the_original_methods_that_would_bypass_attnres
     assert isinstance(tmodel.final, torch.nn.LayerNorm) and not hasattr(tmodel, "generate")  # modules stay visible
     with pytest.raises(AttnResError, match="runs as a replayed graph"):
         _ = tmodel.generate
+
+
+def test_a_conv_before_the_norm_is_refused_saying_what_reads_the_stream() -> None:
+    import timm
+
+    convnext = timm.create_model("convnext_atto", pretrained=False, num_classes=10).eval()
+    with pytest.raises(NoResidualStreamError) as info:
+        attnres_fx.transform(convnext, (torch.randn(2, 3, 32, 32),))
+    message = str(info.value)
+    assert "reads h first through `conv2d` in `stages.0.blocks.0.conv_dw`" in message
+    assert "post-norm" not in message and "OLMo2" not in message
+
+
+class ReadsStreamRaw(torch.nn.Module):
+    """Pre-norm, except that the second sublayer also scales by a statistic of the raw stream."""
+
+    def __init__(self, d: int = 32):
+        super().__init__()
+        self.n1, self.n2, self.a, self.m = (
+            torch.nn.LayerNorm(d),
+            torch.nn.LayerNorm(d),
+            torch.nn.Linear(d, d),
+            torch.nn.Linear(d, d),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.a(self.n1(x))
+        return x + self.m(self.n2(x)) * x.abs().mean()
+
+
+def test_a_raw_read_inside_the_model_is_refused_without_offering_the_override() -> None:
+    model = torch.nn.Sequential(ReadsStreamRaw(), ReadsStreamRaw(), torch.nn.LayerNorm(32))
+    with pytest.raises(UnnormalizedReadError) as info:
+        attnres_fx.transform(model, (torch.randn(2, 5, 32),))
+    message = str(info.value)
+    assert "inside the model the stream after sublayer 0 is also read without a norm, by `aten.abs" in message
+    assert "allow_unnormalized_reads" not in message
+
+
+def test_returned_hidden_states_read_through_a_norms_cast_are_found() -> None:
+    """HF Llama's RMSNorm starts with `x.to(float32)`, in fp32 an alias of the stream that the returned hidden
+    states then read: a read outside the norm, so raw."""
+    with pytest.raises(UnnormalizedReadError, match="this call returns stream values without a norm"):
+        attnres_fx.transform(zoo.llama(layers=2), {"input_ids": zoo.token_ids(), "output_hidden_states": True})
