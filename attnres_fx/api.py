@@ -46,7 +46,7 @@ def transform(
     Args:
         model: any module whose forward runs a pre-norm residual stream (HF transformers, timm, hand-written).
         example_inputs: one call's inputs: a tuple of positional args, a dict of keyword args or a tensor. Built
-            from the config for HF text models and timm models when None.
+            from the config for HF text, vision and speech models and timm models when None.
         num_blocks: about how many blocks to cut the residual sublayers into.
         block_size: residual sublayers per block (1 = Full AttnRes); `ceil(sublayers / num_blocks)` when None.
         allow_unnormalized_reads: transform even where the stream is read without a norm (post-norm models, raw

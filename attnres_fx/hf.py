@@ -55,13 +55,26 @@ def use_capturable_experts(model: nn.Module) -> str | None:
     )
 
 
-def example_token_ids(model: nn.Module, device: torch.device) -> dict[str, Any] | None:
-    """Token ids for a text model (`main_input_name == "input_ids"` and a vocabulary in its config), else None."""
+def example_inputs(model: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, Any] | None:
+    """One example call built from the config, by the model's `main_input_name`: token ids for text models,
+    images for vision encoders (ViT, DINOv2, SigLIP), log-mel features for speech encoders (Whisper); else None."""
     config = getattr(model, "config", None)
-    if getattr(model, "main_input_name", None) != "input_ids" or not getattr(config, "vocab_size", None):
-        return None
-    max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 16
-    return {"input_ids": torch.randint(0, config.vocab_size, (2, min(16, max_len)), device=device)}
+    name = getattr(model, "main_input_name", None)
+    if name == "input_ids" and getattr(config, "vocab_size", None):
+        max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 16
+        return {"input_ids": torch.randint(0, config.vocab_size, (2, min(16, max_len)), device=device)}
+    if name == "pixel_values" and getattr(config, "image_size", None):
+        size = config.image_size if isinstance(config.image_size, (tuple, list)) else (config.image_size,) * 2
+        channels = getattr(config, "num_channels", 3)
+        return {"pixel_values": torch.randn(2, channels, *size, device=device, dtype=dtype)}
+    if (
+        name == "input_features"
+        and getattr(config, "num_mel_bins", None)
+        and getattr(config, "max_source_positions", None)
+    ):
+        frames = 2 * config.max_source_positions  # the encoder's two convolutions halve the frames once
+        return {"input_features": torch.randn(2, config.num_mel_bins, frames, device=device, dtype=dtype)}
+    return None
 
 
 SETTINGS_KEY = "attnres"  # under this name in an HF config: what `save_pretrained` writes to config.json

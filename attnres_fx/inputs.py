@@ -28,19 +28,20 @@ def as_call(example_inputs: ExampleInputs) -> tuple[tuple[Any, ...], dict[str, A
 
 
 def default_example_inputs(model: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Token ids for Hugging Face text models, images for timm models; otherwise ask the user."""
+    """Built from a Hugging Face config (token ids, images, speech features) or a timm model's input size;
+    otherwise ask the user."""
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    token_ids = hf.example_token_ids(model, device)
-    if token_ids is not None:
-        return (), token_ids
+    from_config = hf.example_inputs(model, device, dtype)
+    if from_config is not None:
+        return (), from_config
     pretrained_cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(pretrained_cfg, dict) and pretrained_cfg.get("input_size"):
         return (torch.randn(2, *pretrained_cfg["input_size"], device=device, dtype=dtype),), {}
     raise AttnResError(
         f"attnres_fx cannot guess inputs for {type(model).__name__}: it builds them only for Hugging "
-        "Face text models (token ids from `config.vocab_size`) and timm models (images of "
-        "`pretrained_cfg['input_size']`). Pass `example_inputs=` a tuple of positional args or a dict "
-        "of keyword args that the model accepts, e.g. `transform(model, (torch.randn(2, 16, 64),))`."
+        "Face models whose `main_input_name` is input_ids, pixel_values or input_features (from their config) "
+        "and timm models (images of `pretrained_cfg['input_size']`). Pass `example_inputs=` a tuple of positional "
+        "args or a dict of keyword args that the model accepts, e.g. `transform(model, (torch.randn(2, 16, 64),))`."
     )

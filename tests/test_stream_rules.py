@@ -127,3 +127,41 @@ def test_named_transformers_models_preserve_the_function_at_two_shapes(model_typ
         ids = zoo.token_ids(batch, seq, seed=batch)
         with torch.no_grad():
             assert zoo.rel_err(tmodel(input_ids=ids).logits, original(input_ids=ids).logits) < 1e-3
+
+
+ENCODERS = {  # vision and speech encoders: example inputs built from their config
+    "vit": dict(image_size=32, patch_size=8),
+    "dinov2": dict(image_size=32, patch_size=8),  # LayerScale
+    "siglip_vision_model": dict(image_size=32, patch_size=8),
+    "whisper": dict(
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        num_mel_bins=16,
+        max_source_positions=16,
+        vocab_size=zoo.VOCAB,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+    ),
+}
+
+
+@pytest.mark.parametrize("model_type", list(ENCODERS))
+def test_hf_encoders_get_example_inputs_from_their_config_and_preserve_the_function(model_type: str) -> None:
+    model = zoo.hf_encoder(model_type, **ENCODERS[model_type])
+    original = copy.deepcopy(model)
+    tmodel = attnres_fx.transform(model)  # no example inputs given
+    tplan = attnres_fx.plan(tmodel)
+    assert len(tplan.sites) == 4 and tplan.execution.startswith("module hooks")
+    name = original.main_input_name
+    shape = {"pixel_values": (3, 3, 32, 32), "input_features": (3, 16, 32)}[name]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out, expected = tmodel(**{name: x}).last_hidden_state, original(**{name: x}).last_hidden_state
+    assert zoo.rel_err(out, expected) < 1e-3

@@ -59,6 +59,17 @@ def hf_causal_lm(model_type: str, **overrides) -> nn.Module:
     return unit_scale_(model).eval()
 
 
+def hf_encoder(model_type: str, **overrides) -> nn.Module:
+    """A tiny HF vision or speech encoder (`AutoModel`; the encoder alone for encoder-decoders)."""
+    from transformers import AutoConfig, AutoModel
+
+    base = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    torch.manual_seed(0)
+    model = AutoModel.from_config(AutoConfig.for_model(model_type, **{**base, **overrides}))
+    model = model.get_encoder() if hasattr(model, "get_encoder") and model_type == "whisper" else model
+    return unit_scale_(model).eval()
+
+
 def llama(layers: int = 4) -> nn.Module:
     return hf_causal_lm("llama", num_hidden_layers=layers)
 
