@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import sys
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from types import CodeType
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.export import Dim
 from torch.export.graph_signature import InputKind, OutputKind
-from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+from torch._export.utils import _check_input_constraints_for_graph
+from torch.utils._pytree import SequenceKey, TreeSpec, tree_flatten, tree_unflatten
 
 from . import opaque
 from .errors import CaptureError
@@ -37,7 +40,7 @@ class CallKey:
 
 @dataclass(frozen=True)
 class TensorGuard:
-    """The device, dtype, rank and static dims that a captured graph requires of one tensor input.
+    """The device and dtype that a captured graph requires of one tensor input (shapes: see `admits`).
 
     The device matters because export bakes it into the graph (`arange(device=...)`, device-specific
     code paths): a model moved to another device, or built on meta and materialised, is re-captured.
@@ -45,16 +48,9 @@ class TensorGuard:
 
     device: torch.device
     dtype: torch.dtype
-    ndim: int
-    static_dims: tuple[tuple[int, int], ...]
 
     def admits(self, t: Tensor) -> bool:
-        return (
-            t.device == self.device
-            and t.dtype == self.dtype
-            and t.dim() == self.ndim
-            and all(t.shape[i] == size for i, size in self.static_dims)
-        )
+        return t.device == self.device and t.dtype == self.dtype
 
 
 @dataclass
@@ -72,6 +68,9 @@ class CapturedGraph:
     gm: torch.fx.GraphModule
     bindings: list[Binding]
     guards: list[TensorGuard]
+    input_nodes: list[torch.fx.Node]  # the user inputs' placeholders: their shapes, with export's symbols
+    range_constraints: dict[Any, Any]  # export's ranges of those symbols
+    shape_guards: CodeType  # export's other guards on the inputs' sizes (`seq % 8 == 0`), as one expression
     out_spec: TreeSpec
     output_kinds: list[tuple[str, str | int | None]]  # ("output", None) / ("buffer", fqn) / ("input", idx)
     constants: dict[str, Tensor] = field(default_factory=dict)
@@ -82,7 +81,16 @@ class CapturedGraph:
         return tuple(c.path for c in self.opaque)
 
     def admits(self, tensors: list[Tensor]) -> bool:
-        return len(tensors) == len(self.guards) and all(g.admits(t) for g, t in zip(self.guards, tensors))
+        """Whether these inputs satisfy every guard export derived: device, dtype, static dims (also those held as
+        constant symbols), the symbols' ranges and relations between dims (`4*s0`: a multiple of 4)."""
+        if len(tensors) != len(self.guards) or not all(g.admits(t) for g, t in zip(self.guards, tensors)):
+            return False
+        try:
+            args = [((SequenceKey(i),), t) for i, t in enumerate(tensors)]
+            _check_input_constraints_for_graph(self.input_nodes, args, self.range_constraints)
+        except RuntimeError:
+            return False
+        return bool(eval(self.shape_guards, {"torch": torch, "math": math}, {"L": {"tensors": tensors}}))
 
     def add_parameter_input(self, name: str, fqn: str) -> torch.fx.Node:
         """Add a graph input bound to parameter `fqn` of the owning module."""
@@ -251,14 +259,22 @@ def _captured_graph(ep: torch.export.ExportedProgram) -> CapturedGraph:
         else:
             raise CaptureError(f"export produced an output of kind {spec.kind.name}, which attnres_fx does not support")
     placeholders = {n.name: n for n in ep.graph_module.graph.nodes if n.op == "placeholder"}
-    guards = [_guard(placeholders[name].meta["val"]) for name in user_index]
+    inputs = [placeholders[name] for name in user_index]
+    guards = [TensorGuard(n.meta["val"].device, n.meta["val"].dtype) for n in inputs]
     constants = {k: v for k, v in ep.constants.items() if isinstance(v, Tensor)}
-    return CapturedGraph(ep.graph_module, bindings, guards, ep.call_spec.out_spec, output_kinds, constants)
-
-
-def _guard(val: Tensor) -> TensorGuard:
-    static = tuple((i, int(s)) for i, s in enumerate(val.shape) if not isinstance(s, torch.SymInt))
-    return TensorGuard(val.device, val.dtype, val.dim(), static)
+    # export writes its guards as Python over the traced function's arguments: `_FlatCall.forward(*tensors)`
+    shape_guards = compile(" and ".join(f"({g})" for g in ep._guards_code) or "True", "<export guards>", "eval")
+    return CapturedGraph(
+        ep.graph_module,
+        bindings,
+        guards,
+        inputs,
+        dict(ep.range_constraints),
+        shape_guards,
+        ep.call_spec.out_spec,
+        output_kinds,
+        constants,
+    )
 
 
 def _strip(path: str) -> str:

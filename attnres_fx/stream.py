@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.fx import Graph, Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 
 aten = torch.ops.aten
 
@@ -336,7 +337,7 @@ def _passes_values_through(n: Node) -> bool:
     if n.target in _VIEW_OPS and isinstance(n.args[0], Node) and isinstance(n.args[0].meta.get("val"), torch.Tensor):
         a, b = n.meta.get("val"), n.args[0].meta["val"]
         return (
-            isinstance(a, torch.Tensor) and a.dtype == b.dtype and a.dim() >= 1 and str(a.shape[-1]) == str(b.shape[-1])
+            isinstance(a, torch.Tensor) and a.dtype == b.dtype and a.dim() >= 1 and _same_size(a.shape[-1], b.shape[-1])
         )
     return False
 
@@ -361,12 +362,18 @@ def _is_plain_add(n: Node) -> bool:
         return False
     if not all(isinstance(a, Node) and isinstance(a.meta.get("val"), torch.Tensor) for a in (n, *n.args[:2])):
         return False
-    out = _shape(n)
-    return _shape(n.args[0]) == out and _shape(n.args[1]) == out
+    out = n.meta["val"].shape
+    return _same_shape(n.args[0].meta["val"].shape, out) and _same_shape(n.args[1].meta["val"].shape, out)
 
 
-def _shape(n: Node) -> tuple[str, ...]:
-    return tuple(str(s) for s in n.meta["val"].shape)
+def _same_shape(a: torch.Size, b: torch.Size) -> bool:
+    return len(a) == len(b) and all(_same_size(x, y) for x, y in zip(a, b))
+
+
+def _same_size(a: int | torch.SymInt, b: int | torch.SymInt) -> bool:
+    """Equal for every input export admits, by the symbols' ranges and relations, not by how they print (a length
+    export fixed at 16 can stay a symbol in one place and be `16` in another)."""
+    return a is b or statically_known_true(sym_eq(a, b))
 
 
 def _same_tensor_type(n: Node, src: object) -> bool:
@@ -377,4 +384,4 @@ def _same_tensor_type(n: Node, src: object) -> bool:
     ):
         return False
     a, b = n.meta["val"], src.meta["val"]
-    return a.dtype == b.dtype and _shape(n) == _shape(src) and a.device == b.device
+    return a.dtype == b.dtype and _same_shape(a.shape, b.shape) and a.device == b.device

@@ -165,3 +165,61 @@ def test_hf_encoders_get_example_inputs_from_their_config_and_preserve_the_funct
     with torch.no_grad():
         out, expected = tmodel(**{name: x}).last_hidden_state, original(**{name: x}).last_hidden_state
     assert zoo.rel_err(out, expected) < 1e-3
+
+
+class TimeLoop(nn.Module):
+    """A branch that loops over the sequence in Python: export fixes the length inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        steps, h = [], torch.zeros_like(x[:, 0])
+        for t in range(x.shape[1]):
+            h = 0.5 * h + x[:, t]
+            steps.append(h)
+        return self.lin(torch.stack(steps, 1))
+
+
+class ByFour(nn.Module):
+    """A branch that takes another path when the length is not a multiple of 4: export guards `seq % 4 == 0`."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] % 4 == 0:
+            b, t, d = x.shape
+            return self.lin(x.view(b, t // 4, 4, d).mean(2).repeat_interleave(4, dim=1))
+        return 2 * self.lin(x)
+
+
+class FlatResiduals(nn.Module):
+    """Residual adds in the model's own forward: transformed by replaying its graph, reused while guards hold."""
+
+    def __init__(self, branch: type[nn.Module]):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(D) for _ in range(2))
+        self.branches = nn.ModuleList(branch() for _ in range(2))
+        self.final = nn.LayerNorm(D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for norm, branch in zip(self.norms, self.branches):
+            x = x + branch(norm(x))
+        return self.final(x)
+
+
+@pytest.mark.parametrize("branch,graphs", [(TimeLoop, [1, 2, 3]), (ByFour, [1, 2, 2])])
+def test_a_replayed_graph_is_reused_only_where_exports_guards_hold(branch: type[nn.Module], graphs: list[int]) -> None:
+    torch.manual_seed(0)
+    model = zoo.unit_scale_(FlatResiduals(branch))
+    original = copy.deepcopy(model)
+    tmodel = attnres_fx.transform(model, (torch.randn(2, 16, D),))
+    assert attnres_fx.plan(tmodel).execution.startswith("whole-graph replay")
+    for length, expected_graphs in zip((16, 9, 12), graphs):  # 12: a multiple of 4 again, a new length for the loop
+        x = torch.randn(3, length, D)
+        with torch.no_grad():
+            assert zoo.rel_err(tmodel(x), original(x)) < 5e-4
+        assert [len(g) for g in tmodel._attnres_graphs.values()] == [expected_graphs]
