@@ -35,6 +35,11 @@ def inverse_rms(x: Tensor, eps: float) -> Tensor:
     return torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
 
 
+def reshape_like(x: Tensor, like: Tensor) -> Tensor:
+    """`x` in the shape of `like`: a stream flattened inside a layer ([B*T, d]) against its [B, T, d] sources."""
+    return x.reshape(like.shape)
+
+
 def depth_attention(sources: list[Tensor], query: Tensor, key_weight: Tensor, eps: float) -> Tensor:
     """Softmax attention over depth, the plain way: stack the sources and attend.
 

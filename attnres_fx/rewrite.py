@@ -14,7 +14,7 @@ from torch.fx import Graph, Node
 from . import ops
 from .capture import CapturedGraph
 from .plan import Plan, PlanSite
-from .stream import Stream
+from .stream import Stream, same_shape
 
 
 def rewrite(captured: CapturedGraph, stream: Stream, plan: Plan) -> None:
@@ -25,10 +25,13 @@ def rewrite(captured: CapturedGraph, stream: Stream, plan: Plan) -> None:
     partial: Node | None = None
     size = plan.block_size
     for j, site in enumerate(stream.sites):
+        flattened = not same_shape(site.add.meta["val"].shape, stream.start.meta["val"].shape)  # [B*T, d] in a layer
         with graph.inserting_before(site.add):
             delta = _as_dtype(graph, site.branches[0], site.add)
             for branch in site.branches[1:]:  # a parallel sublayer written `(h + a) + m`
                 delta = graph.call_function(torch.ops.aten.add.Tensor, (delta, _as_dtype(graph, branch, site.add)))
+            if flattened:
+                delta = graph.call_function(ops.reshape_like, (delta, stream.start))
             partial = delta if partial is None else graph.call_function(torch.ops.aten.add.Tensor, (partial, delta))
         if (j + 1) % size == 0:
             blocks.append(partial)
@@ -38,8 +41,12 @@ def rewrite(captured: CapturedGraph, stream: Stream, plan: Plan) -> None:
         with graph.inserting_after(site.add):
             mixed = graph.call_function(ops.depth_attention, (sources, *params[plan_site.index], plan_site.eps))
         mixed.meta["attnres"] = plan_site
-        mixed.meta["val"] = site.add.meta["val"]
-        site.add.replace_all_uses_with(mixed, delete_user_cb=lambda user, new=mixed: user is not new)
+        mixed.meta["val"] = stream.start.meta["val"]
+        read = mixed
+        if flattened:  # what read the add reads the mix in the add's shape
+            with graph.inserting_after(mixed):
+                read = graph.call_function(ops.reshape_like, (mixed, site.branches[0]))
+        site.add.replace_all_uses_with(read, delete_user_cb=lambda user, new=mixed: user is not new)
         graph.erase_node(site.add)
     graph.eliminate_dead_code()
     captured.gm.recompile()

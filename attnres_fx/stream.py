@@ -363,10 +363,10 @@ def _is_plain_add(n: Node) -> bool:
     if not all(isinstance(a, Node) and isinstance(a.meta.get("val"), torch.Tensor) for a in (n, *n.args[:2])):
         return False
     out = n.meta["val"].shape
-    return _same_shape(n.args[0].meta["val"].shape, out) and _same_shape(n.args[1].meta["val"].shape, out)
+    return same_shape(n.args[0].meta["val"].shape, out) and same_shape(n.args[1].meta["val"].shape, out)
 
 
-def _same_shape(a: torch.Size, b: torch.Size) -> bool:
+def same_shape(a: torch.Size, b: torch.Size) -> bool:
     return len(a) == len(b) and all(_same_size(x, y) for x, y in zip(a, b))
 
 
@@ -384,4 +384,4 @@ def _same_tensor_type(n: Node, src: object) -> bool:
     ):
         return False
     a, b = n.meta["val"], src.meta["val"]
-    return a.dtype == b.dtype and _same_shape(a.shape, b.shape) and a.device == b.device
+    return a.dtype == b.dtype and same_shape(a.shape, b.shape) and a.device == b.device

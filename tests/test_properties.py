@@ -1,0 +1,183 @@
+"""Property tests: random small models built from plain PyTorch pieces (pre-norm, sandwich, parallel, post-norm and
+branch-normed layers; RMSNorm, LayerNorm, a hand-written fp32-casting norm; MLP or MoE-like branches; residual
+multipliers, LayerScale, dropout; a stream flattened inside a layer; a layer called twice), each either
+transformed (and then it preserves the function and equals the independent reference with random queries) or
+refused with AttnResError, and the generator knows which. CI runs a fixed number of seeded examples;
+ATTNRES_EXAMPLES=N runs N."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import reference
+import torch
+import zoo
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import attnres_fx
+
+D = 16
+EPS = 1e-6
+PRE_NORM = ("pre", "sandwich", "parallel")  # the stream is read only through norms: transformable
+
+
+class CastNorm(nn.Module):
+    """An RMSNorm computing in fp32 and casting back, written by hand (as many models do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(D))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.to(torch.float32)
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype)
+
+
+def make_norm(kind: str) -> nn.Module:
+    return {"rms": lambda: nn.RMSNorm(D, eps=EPS), "layer": lambda: nn.LayerNorm(D, eps=EPS), "cast": CastNorm}[kind]()
+
+
+class MoELike(nn.Module):
+    """Two experts mixed by a softmax router."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(D, 2)
+        self.experts = nn.ModuleList(nn.Linear(D, D) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.router(x).softmax(-1)
+        return w[..., :1] * self.experts[0](x) + w[..., 1:] * self.experts[1](x)
+
+
+class Tail(nn.Module):
+    """What stands between a branch and its add: nothing, a residual multiplier, LayerScale or dropout."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.scale = nn.Parameter(torch.full((D,), 0.5)) if kind == "layerscale" else None
+        self.drop = nn.Dropout(0.1) if kind == "dropout" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "multiplier":
+            return 0.7 * x
+        if self.kind == "layerscale":
+            return self.scale * x
+        return self.drop(x) if self.drop is not None else x
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    kind: str  # pre, sandwich, parallel (pre-norm) | post, branch_norm (not)
+    norm: str  # rms, layer, cast
+    branch: str  # mlp, moe
+    tail: str  # none, multiplier, layerscale, dropout
+    flatten: bool  # the second sublayer runs on the stream flattened to [B*T, D]
+
+
+class Layer(nn.Module):
+    def __init__(self, spec: LayerSpec):
+        super().__init__()
+        self.spec = spec
+        self.n1, self.n2, self.n3 = make_norm(spec.norm), make_norm(spec.norm), make_norm(spec.norm)
+        self.a = nn.Linear(D, D)
+        self.m = (
+            MoELike() if spec.branch == "moe" else nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
+        )
+        self.t1, self.t2 = Tail(spec.tail), Tail(spec.tail)
+
+    def sublayers(self) -> list:
+        """This layer's residual branches as functions of their input, for the reference (pre-norm kinds)."""
+        if self.spec.kind == "parallel":
+            return [lambda h: self.t1(self.a(self.n1(h))) + self.t2(self.m(self.n2(h)))]
+        second = (lambda h: self.t2(self.n3(self.m(self.n2(h))))) if self.spec.kind == "sandwich" else None
+        second = second or (lambda h: self.t2(self.m(self.n2(h))))
+        return [lambda h: self.t1(self.a(self.n1(h))), second]
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        kind = self.spec.kind
+        if kind == "parallel":
+            return h + self.t1(self.a(self.n1(h))) + self.t2(self.m(self.n2(h)))
+        if kind == "post":
+            h = self.n1(h + self.t1(self.a(h)))
+            return self.n2(h + self.t2(self.m(h)))
+        if kind == "branch_norm":
+            h = h + self.t1(self.n1(self.a(h)))
+            return h + self.t2(self.n2(self.m(h)))
+        h = h + self.t1(self.a(self.n1(h)))
+        shape = h.shape
+        if self.spec.flatten:
+            h = h.reshape(-1, D)
+        out = self.m(self.n2(h))
+        out = self.n3(out) if kind == "sandwich" else out
+        return (h + self.t2(out)).view(shape)
+
+
+class Model(nn.Module):
+    def __init__(self, specs: list[LayerSpec], shared: bool):
+        super().__init__()
+        self.embed = nn.Embedding(zoo.VOCAB, D)
+        self.layers = nn.ModuleList(Layer(s) for s in specs)
+        self.order = [0, 0, *range(1, len(specs))] if shared else list(range(len(specs)))  # layer 0 twice if shared
+        self.norm = nn.RMSNorm(D, eps=EPS)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        for i in self.order:
+            h = self.layers[i](h)
+        return self.norm(h)
+
+
+layer_specs = st.builds(
+    LayerSpec,
+    kind=st.sampled_from(["pre", "pre", "sandwich", "parallel", "post", "branch_norm"]),
+    norm=st.sampled_from(["rms", "layer", "cast"]),
+    branch=st.sampled_from(["mlp", "moe"]),
+    tail=st.sampled_from(["none", "multiplier", "layerscale", "dropout"]),
+    flatten=st.booleans(),
+)
+EXAMPLES = int(os.environ.get("ATTNRES_EXAMPLES", "12"))
+
+
+@seed(0)
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(specs=st.lists(layer_specs, min_size=1, max_size=3), shared=st.booleans(), block_size=st.integers(1, 3))
+def test_every_generated_model_is_transformed_exactly_or_refused(specs: list[LayerSpec], shared: bool, block_size: int):
+    torch.manual_seed(0)
+    model = zoo.unit_scale_(Model(specs, shared)).eval()
+    original, ids = copy.deepcopy(model), zoo.token_ids()
+    # The stream starts after the last layer that is not pre-norm and before the first pre-norm one (post-norm or
+    # branch-normed layers in front are part of how the stream's start is computed); from there on every layer
+    # must read it through norms only.
+    kinds = [specs[i].kind for i in original.order]
+    first = next((k for k, kind in enumerate(kinds) if kind in PRE_NORM), None)
+    if first is None or any(kind not in PRE_NORM for kind in kinds[first:]):
+        try:
+            attnres_fx.transform(model, (ids,), block_size=block_size)
+        except attnres_fx.AttnResError:
+            return
+        raise AssertionError(f"not pre-norm, yet transformed: {kinds}")
+    tmodel = attnres_fx.transform(model, (ids,), block_size=block_size)
+    tplan = attnres_fx.plan(tmodel)
+    prefix, rest = original.order[:first], original.order[first:]
+    sublayers = [f for i in rest for f in original.layers[i].sublayers()]
+    assert len(tplan.sites) == len(sublayers)
+    with torch.no_grad():
+        assert zoo.rel_err(tmodel(ids), original(ids)) < 1e-3
+        g = torch.Generator().manual_seed(1)
+        for p in tmodel.attnres.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=g))
+        params = [
+            (tmodel.get_parameter(s.query), tmodel.get_parameter(s.key_weight)) if s.query else None
+            for s in (*tplan.sites, tplan.final)
+        ]
+        start = original.embed(ids)
+        for i in prefix:
+            start = original.layers[i](start)
+        expected = original.norm(reference.block_attnres(start, sublayers, params, block_size, EPS))
+        assert zoo.rel_err(tmodel(ids), expected) < 1e-4
