@@ -1,0 +1,95 @@
+"""The stream finder's rules, one test each, on the FX graph of a one- or two-sublayer module."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnres_fx.capture import capture, split_inputs
+from attnres_fx.stream import Stream, find_stream
+
+D = 8
+
+
+def stream_of(forward, *modules: nn.Module, seq: int = 6) -> Stream:
+    """Capture `forward(self, x)` on a module holding `modules` (as m0, m1, ...) and find its stream."""
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            for i, m in enumerate(modules):
+                self.add_module(f"m{i}", m)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return forward(self, x)
+
+    key, tensors = split_inputs((torch.randn(2, seq, D),), {}, False)
+    return find_stream(capture(Probe(), key, tensors).gm.graph)
+
+
+def test_an_add_whose_branch_reads_the_stream_through_a_norm_is_a_site() -> None:
+    stream = stream_of(lambda s, x: s.m2(x + s.m1(s.m0(x))), nn.LayerNorm(D), nn.Linear(D, D), nn.LayerNorm(D))
+    (site,) = stream.sites
+    assert site.branch_modules == ("m1",) and site.readers == ("m0",) and not stream.unnormalized_reads
+
+
+def test_post_norm_and_normalised_branches_are_no_sites_and_say_so() -> None:
+    post = stream_of(lambda s, x: s.m0(x + s.m1(x)), nn.LayerNorm(D), nn.Linear(D, D))
+    branch_normed = stream_of(lambda s, x: x + s.m0(s.m1(x)), nn.LayerNorm(D), nn.Linear(D, D))
+    assert not post.sites and not branch_normed.sites
+    (p,), (b,) = post.raw_residuals, branch_normed.raw_residuals
+    assert (p.post_norm, p.branch_normed, p.first_read, p.first_read_module) == (True, False, "linear", "m1")
+    assert (b.post_norm, b.branch_normed) == (False, True)
+
+
+def test_parallel_branches_in_either_association_are_one_site() -> None:
+    norms = (nn.LayerNorm(D), nn.Linear(D, D), nn.Linear(D, D), nn.LayerNorm(D))
+    left = stream_of(lambda s, x: s.m3((x + s.m1(s.m0(x))) + s.m2(s.m0(x))), *norms)
+    right = stream_of(lambda s, x: s.m3(x + (s.m1(s.m0(x)) + s.m2(s.m0(x)))), *norms)
+    for stream in (left, right):
+        (site,) = stream.sites
+        assert set(site.branch_modules) == {"m1", "m2"} and not stream.unnormalized_reads
+    assert len(left.sites[0].inner_adds) == 1 and len(left.sites[0].branches) == 2
+
+
+def test_a_reshape_of_the_stream_that_keeps_the_feature_dim_is_looked_through() -> None:
+    def forward(s, x):
+        x = x + s.m1(s.m0(x))
+        flat = x.reshape(-1, D)
+        return s.m4((flat + s.m3(s.m2(flat))).view(x.shape))
+
+    stream = stream_of(forward, nn.LayerNorm(D), nn.Linear(D, D), nn.LayerNorm(D), nn.Linear(D, D), nn.LayerNorm(D))
+    assert [s.readers for s in stream.sites] == [("m0",), ("m2",)] and not stream.unnormalized_reads
+
+
+def test_a_cast_inside_a_norm_read_from_outside_it_is_a_raw_read() -> None:
+    class CastNorm(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            xf = x.to(torch.float32)  # an alias of x in fp32
+            self.cast = xf
+            return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    def forward(s, x):
+        y = x + s.m1(s.m0(x))
+        return s.m2(y), s.m2.cast  # the second output reads the stream raw, through the norm's cast
+
+    stream = stream_of(forward, CastNorm(), nn.Linear(D, D), CastNorm())
+    assert len(stream.sites) == 1
+    assert [(r.reader.op, r.stream_index) for r in stream.unnormalized_reads] == [("output", 1)]
+
+
+def test_sizes_are_compared_by_value_not_by_how_they_print() -> None:
+    """A branch that views the sequence in groups of 4 returns length `4*(s//4)` against the stream's `s`: equal
+    under export's guard `s % 4 == 0`, though they print differently."""
+    from test_stream_rules import ByFour, FlatResiduals
+
+    key, tensors = split_inputs((torch.randn(2, 16, 32),), {}, False)
+    stream = find_stream(capture(FlatResiduals(ByFour), key, tensors).gm.graph)
+    assert [s.readers for s in stream.sites] == [("norms.0",), ("norms.1",)]
+
+
+def test_a_functional_norm_is_recognised_by_what_it_computes() -> None:
+    stream = stream_of(lambda s, x: F.layer_norm(x + s.m0(F.rms_norm(x, (D,), eps=1e-5)), (D,)), nn.Linear(D, D))
+    (site,) = stream.sites
+    assert site.eps == 1e-5 and site.readers == ("",)  # computed in the model's own forward, not by a module
