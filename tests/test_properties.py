@@ -1,6 +1,7 @@
 """Property tests: random small models built from plain PyTorch pieces (pre-norm, sandwich, parallel, post-norm and
-branch-normed layers; RMSNorm, LayerNorm, a hand-written fp32-casting norm; MLP or MoE-like branches; residual
-multipliers, LayerScale, dropout; a stream flattened inside a layer; a layer called twice), each either
+branch-normed layers; RMSNorm, LayerNorm, a hand-written fp32-casting norm, a functional norm; MLP or MoE-like
+branches; residual multipliers, LayerScale, dropout, drop path; a stream flattened inside a layer; a layer called
+twice; a second stream), each either
 transformed (and then it preserves the function and equals the independent reference with random queries) or
 refused with AttnResError, and the generator knows which. CI runs a fixed number of seeded examples;
 ATTNRES_EXAMPLES=N runs N."""
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import reference
 import torch
+import torch.nn.functional as F
 import zoo
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
@@ -37,8 +39,13 @@ class CastNorm(nn.Module):
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype)
 
 
+class FunctionalNorm(nn.Module):
+    """Stands for `F.rms_norm` written in the layer's own forward: `Layer.normed` calls the function itself."""
+
+
 def make_norm(kind: str) -> nn.Module:
-    return {"rms": lambda: nn.RMSNorm(D, eps=EPS), "layer": lambda: nn.LayerNorm(D, eps=EPS), "cast": CastNorm}[kind]()
+    factories = {"rms": lambda: nn.RMSNorm(D, eps=EPS), "layer": lambda: nn.LayerNorm(D, eps=EPS), "cast": CastNorm}
+    return factories.get(kind, FunctionalNorm)()
 
 
 class MoELike(nn.Module):
@@ -55,7 +62,8 @@ class MoELike(nn.Module):
 
 
 class Tail(nn.Module):
-    """What stands between a branch and its add: nothing, a residual multiplier, LayerScale or dropout."""
+    """What stands between a branch and its add: nothing, a residual multiplier, LayerScale, dropout or drop path
+    (stochastic depth: identity in eval)."""
 
     def __init__(self, kind: str):
         super().__init__()
@@ -68,15 +76,18 @@ class Tail(nn.Module):
             return 0.7 * x
         if self.kind == "layerscale":
             return self.scale * x
+        if self.kind == "droppath" and self.training:
+            keep = (torch.rand(x.shape[0], *[1] * (x.dim() - 1)) > 0.1).to(x.dtype)
+            return x * keep / 0.9
         return self.drop(x) if self.drop is not None else x
 
 
 @dataclass(frozen=True)
 class LayerSpec:
     kind: str  # pre, sandwich, parallel (pre-norm) | post, branch_norm (not)
-    norm: str  # rms, layer, cast
+    norm: str  # rms, layer, cast, functional
     branch: str  # mlp, moe
-    tail: str  # none, multiplier, layerscale, dropout
+    tail: str  # none, multiplier, layerscale, dropout, droppath
     flatten: bool  # the second sublayer runs on the stream flattened to [B*T, D]
 
 
@@ -91,54 +102,72 @@ class Layer(nn.Module):
         )
         self.t1, self.t2 = Tail(spec.tail), Tail(spec.tail)
 
+    def normed(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (D,), eps=EPS) if isinstance(norm, FunctionalNorm) else norm(x)
+
     def sublayers(self) -> list:
         """This layer's residual branches as functions of their input, for the reference (pre-norm kinds)."""
         if self.spec.kind == "parallel":
-            return [lambda h: self.t1(self.a(self.n1(h))) + self.t2(self.m(self.n2(h)))]
-        second = (lambda h: self.t2(self.n3(self.m(self.n2(h))))) if self.spec.kind == "sandwich" else None
-        second = second or (lambda h: self.t2(self.m(self.n2(h))))
-        return [lambda h: self.t1(self.a(self.n1(h))), second]
+            return [lambda h: self.t1(self.a(self.normed(self.n1, h))) + self.t2(self.m(self.normed(self.n2, h)))]
+        second = (
+            (lambda h: self.t2(self.normed(self.n3, self.m(self.normed(self.n2, h)))))
+            if self.spec.kind == "sandwich"
+            else None
+        )
+        second = second or (lambda h: self.t2(self.m(self.normed(self.n2, h))))
+        return [lambda h: self.t1(self.a(self.normed(self.n1, h))), second]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         kind = self.spec.kind
         if kind == "parallel":
-            return h + self.t1(self.a(self.n1(h))) + self.t2(self.m(self.n2(h)))
+            return h + self.t1(self.a(self.normed(self.n1, h))) + self.t2(self.m(self.normed(self.n2, h)))
         if kind == "post":
-            h = self.n1(h + self.t1(self.a(h)))
-            return self.n2(h + self.t2(self.m(h)))
+            h = self.normed(self.n1, h + self.t1(self.a(h)))
+            return self.normed(self.n2, h + self.t2(self.m(h)))
         if kind == "branch_norm":
-            h = h + self.t1(self.n1(self.a(h)))
-            return h + self.t2(self.n2(self.m(h)))
-        h = h + self.t1(self.a(self.n1(h)))
+            h = h + self.t1(self.normed(self.n1, self.a(h)))
+            return h + self.t2(self.normed(self.n2, self.m(h)))
+        h = h + self.t1(self.a(self.normed(self.n1, h)))
         shape = h.shape
         if self.spec.flatten:
             h = h.reshape(-1, D)
-        out = self.m(self.n2(h))
-        out = self.n3(out) if kind == "sandwich" else out
+        out = self.m(self.normed(self.n2, h))
+        out = self.normed(self.n3, out) if kind == "sandwich" else out
         return (h + self.t2(out)).view(shape)
 
 
+SIDE = LayerSpec("pre", "rms", "mlp", "none", False)
+
+
 class Model(nn.Module):
-    def __init__(self, specs: list[LayerSpec], shared: bool):
+    """Embedding, layers (layer 0 twice if shared), final norm; with `side`, a second stream of one pre-norm layer
+    from its own embedding, whose normed output joins the main one."""
+
+    def __init__(self, specs: list[LayerSpec], shared: bool, side: bool):
         super().__init__()
         self.embed = nn.Embedding(zoo.VOCAB, D)
         self.layers = nn.ModuleList(Layer(s) for s in specs)
-        self.order = [0, 0, *range(1, len(specs))] if shared else list(range(len(specs)))  # layer 0 twice if shared
+        self.order = [0, 0, *range(1, len(specs))] if shared else list(range(len(specs)))
         self.norm = nn.RMSNorm(D, eps=EPS)
+        self.side = nn.ModuleList([nn.Embedding(zoo.VOCAB, D), Layer(SIDE), nn.RMSNorm(D, eps=EPS)]) if side else None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.embed(ids)
         for i in self.order:
             h = self.layers[i](h)
-        return self.norm(h)
+        out = self.norm(h)
+        if self.side is not None:
+            embed, layer, norm = self.side
+            out = out + norm(layer(embed(ids)))
+        return out
 
 
 layer_specs = st.builds(
     LayerSpec,
     kind=st.sampled_from(["pre", "pre", "sandwich", "parallel", "post", "branch_norm"]),
-    norm=st.sampled_from(["rms", "layer", "cast"]),
+    norm=st.sampled_from(["rms", "layer", "cast", "functional"]),
     branch=st.sampled_from(["mlp", "moe"]),
-    tail=st.sampled_from(["none", "multiplier", "layerscale", "dropout"]),
+    tail=st.sampled_from(["none", "multiplier", "layerscale", "dropout", "droppath"]),
     flatten=st.booleans(),
 )
 EXAMPLES = int(os.environ.get("ATTNRES_EXAMPLES", "12"))
@@ -146,26 +175,37 @@ EXAMPLES = int(os.environ.get("ATTNRES_EXAMPLES", "12"))
 
 @seed(0)
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(specs=st.lists(layer_specs, min_size=1, max_size=3), shared=st.booleans(), block_size=st.integers(1, 3))
-def test_every_generated_model_is_transformed_exactly_or_refused(specs: list[LayerSpec], shared: bool, block_size: int):
+@given(
+    specs=st.lists(layer_specs, min_size=1, max_size=3),
+    shared=st.booleans(),
+    side=st.booleans(),
+    block_size=st.integers(1, 3),
+)
+def test_every_generated_model_is_transformed_exactly_or_refused(
+    specs: list[LayerSpec], shared: bool, side: bool, block_size: int
+):
     torch.manual_seed(0)
-    model = zoo.unit_scale_(Model(specs, shared)).eval()
+    model = zoo.unit_scale_(Model(specs, shared, side)).eval()
     original, ids = copy.deepcopy(model), zoo.token_ids()
     # The stream starts after the last layer that is not pre-norm and before the first pre-norm one (post-norm or
     # branch-normed layers in front are part of how the stream's start is computed); from there on every layer
     # must read it through norms only.
     kinds = [specs[i].kind for i in original.order]
     first = next((k for k, kind in enumerate(kinds) if kind in PRE_NORM), None)
-    if first is None or any(kind not in PRE_NORM for kind in kinds[first:]):
-        try:
-            attnres_fx.transform(model, (ids,), block_size=block_size)
-        except attnres_fx.AttnResError:
-            return
-        raise AssertionError(f"not pre-norm, yet transformed: {kinds}")
-    tmodel = attnres_fx.transform(model, (ids,), block_size=block_size)
+    main_is_pre_norm = first is not None and all(kind in PRE_NORM for kind in kinds[first:])
+    try:
+        tmodel = attnres_fx.transform(model, (ids,), block_size=block_size)
+    except attnres_fx.AttnResError:
+        assert not main_is_pre_norm, f"pre-norm, yet refused: {kinds}, side stream {side}"
+        return
     tplan = attnres_fx.plan(tmodel)
-    prefix, rest = original.order[:first], original.order[first:]
-    sublayers = [f for i in rest for f in original.layers[i].sublayers()]
+    on_side = tplan.sites[0].branch[0].startswith("side.")  # two streams: the longest is transformed
+    assert main_is_pre_norm or on_side, f"not pre-norm, yet transformed: {kinds}"
+    if on_side:
+        prefix, sublayers = [], original.side[1].sublayers()
+    else:
+        prefix, rest = original.order[:first], original.order[first:]
+        sublayers = [f for i in rest for f in original.layers[i].sublayers()]
     assert len(tplan.sites) == len(sublayers)
     with torch.no_grad():
         assert zoo.rel_err(tmodel(ids), original(ids)) < 1e-3
@@ -176,8 +216,19 @@ def test_every_generated_model_is_transformed_exactly_or_refused(specs: list[Lay
             (tmodel.get_parameter(s.query), tmodel.get_parameter(s.key_weight)) if s.query else None
             for s in (*tplan.sites, tplan.final)
         ]
-        start = original.embed(ids)
-        for i in prefix:
-            start = original.layers[i](start)
-        expected = original.norm(reference.block_attnres(start, sublayers, params, block_size, EPS))
+        if on_side:
+            embed, _, side_norm = original.side
+            mixed = side_norm(reference.block_attnres(embed(ids), sublayers, params, block_size, EPS))
+            main = original.embed(ids)
+            for i in original.order:
+                main = original.layers[i](main)
+            expected = original.norm(main) + mixed
+        else:
+            start = original.embed(ids)
+            for i in prefix:
+                start = original.layers[i](start)
+            expected = original.norm(reference.block_attnres(start, sublayers, params, block_size, EPS))
+            if original.side is not None:
+                embed, layer, side_norm = original.side
+                expected = expected + side_norm(layer(embed(ids)))
         assert zoo.rel_err(tmodel(ids), expected) < 1e-4
