@@ -132,7 +132,9 @@ class _StreamFinder:
         self.by_path: dict[str, list[Node]] = defaultdict(list)
         for n in self.nodes:
             self.by_path[module_path(n)].append(n)
-        self.norm_paths = {p for p, ns in self.by_path.items() if p and _computes_norm(ns)}
+        # a module computing a norm by hand counts as a norm, unless it also adds activations of equal shape: then it
+        # is a layer that normalises inline, and its other reads of the stream are not normalised
+        self.norm_paths = {p for p, ns in self.by_path.items() if p and _computes_norm(ns) and not _holds_adds(ns)}
 
     def is_norm(self, n: Node) -> bool:
         return n.target in _NORM_OPS or module_path(n) in self.norm_paths
@@ -308,6 +310,10 @@ class _StreamFinder:
             if eps is not None:
                 return eps
         return DEFAULT_EPS
+
+
+def _holds_adds(nodes: list[Node]) -> bool:
+    return any(n.op == "call_function" and n.target in _ADDS and _is_plain_add(n) for n in nodes)
 
 
 def _computes_norm(nodes: list[Node]) -> bool:

@@ -93,3 +93,19 @@ def test_a_functional_norm_is_recognised_by_what_it_computes() -> None:
     stream = stream_of(lambda s, x: F.layer_norm(x + s.m0(F.rms_norm(x, (D,), eps=1e-5)), (D,)), nn.Linear(D, D))
     (site,) = stream.sites
     assert site.eps == 1e-5 and site.readers == ("",)  # computed in the model's own forward, not by a module
+
+
+def test_a_module_holding_residual_adds_is_no_norm_even_if_it_computes_one() -> None:
+    """A layer that normalises inline by hand and also reads the stream raw: the raw read is a raw read."""
+
+    class InlineNormLayer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(D, D)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+            return x + self.a(normed) * x.abs().mean()  # the scale reads the stream raw
+
+    stream = stream_of(lambda s, x: s.m1(s.m0(s.m0(x))), InlineNormLayer(), nn.LayerNorm(D))
+    assert not stream.sites
