@@ -1,7 +1,8 @@
 """An independent, hand-written Block AttnRes, following the paper's pseudocode.
 
-It does not use attnres_fx: it calls the model's own submodules one sublayer at a time and mixes
-the sources itself. Tests compare a transformed model against it with non-zero queries.
+The computation does not use attnres_fx: it calls the model's own submodules one sublayer at a time
+and mixes the sources itself. Tests compare a transformed model against it with non-zero queries;
+`random_site_parameters_` only reads the transformed model's plan to hand the reference its parameters.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+import attnres_fx
 
 Sublayer = Callable[[Tensor], Tensor]
 
@@ -41,6 +44,20 @@ def block_attnres(
             blocks.append(partial)
             partial = None
     return mix(blocks + ([partial] if partial is not None else []), *params[-1], eps)
+
+
+def random_site_parameters_(tmodel: nn.Module, seed: int = 0) -> list:
+    """Random queries and key weights; returns per site (q, g) or None, the final's last."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for site in tmodel.attnres.children():
+            site.query.copy_(0.5 * torch.randn(site.query.shape, generator=g))
+            site.key_weight.copy_(1 + 0.3 * torch.randn(site.key_weight.shape, generator=g))
+    tplan = attnres_fx.plan(tmodel)
+    return [
+        (tmodel.get_parameter(s.query), tmodel.get_parameter(s.key_weight)) if s.query else None
+        for s in (*tplan.sites, tplan.final)
+    ]
 
 
 def llama_reference(model: nn.Module, ids: Tensor, params, block_size: int) -> Tensor:

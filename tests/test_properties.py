@@ -209,13 +209,7 @@ def test_every_generated_model_is_transformed_exactly_or_refused(
     assert len(tplan.sites) == len(sublayers)
     with torch.no_grad():
         assert zoo.rel_err(tmodel(ids), original(ids)) < 1e-3
-        g = torch.Generator().manual_seed(1)
-        for p in tmodel.attnres.parameters():
-            p.copy_(0.5 * torch.randn(p.shape, generator=g))
-        params = [
-            (tmodel.get_parameter(s.query), tmodel.get_parameter(s.key_weight)) if s.query else None
-            for s in (*tplan.sites, tplan.final)
-        ]
+        params = reference.random_site_parameters_(tmodel)
         if on_side:
             embed, _, side_norm = original.side
             mixed = side_norm(reference.block_attnres(embed(ids), sublayers, params, block_size, EPS))

@@ -16,20 +16,6 @@ CASES = {
 }
 
 
-def randomise_(tmodel: torch.nn.Module, seed: int = 0) -> list:
-    """Random queries and key weights; returns per site (q, g) or None, the final's last."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for site in tmodel.attnres.children():
-            site.query.copy_(0.5 * torch.randn(site.query.shape, generator=g))
-            site.key_weight.copy_(1 + 0.3 * torch.randn(site.key_weight.shape, generator=g))
-    tplan = attnres_fx.plan(tmodel)
-    return [
-        (tmodel.get_parameter(s.query), tmodel.get_parameter(s.key_weight)) if s.query else None
-        for s in (*tplan.sites, tplan.final)
-    ]
-
-
 @pytest.mark.parametrize("block_size", [1, 2, 3, None])
 @pytest.mark.parametrize("arch", list(CASES))
 def test_matches_hand_written_reference(arch: str, block_size: int | None) -> None:
@@ -38,7 +24,7 @@ def test_matches_hand_written_reference(arch: str, block_size: int | None) -> No
     original_model = copy.deepcopy(model)  # transform works in place; the reference runs the untouched modules
     call = {"input_ids": x, "use_cache": False} if arch != "vit" else (x,)
     tmodel = attnres_fx.transform(model, call, block_size=block_size)
-    params = randomise_(tmodel)
+    params = reference.random_site_parameters_(tmodel)
     size = attnres_fx.plan(tmodel).block_size
     assert size == (block_size or 1)  # 8 sublayers, 8 blocks by default
     with torch.no_grad():

@@ -84,13 +84,7 @@ def check_against_reference(model: Stack, block_size: int) -> None:
     assert len(tplan.sites) == len(sublayers(original)) and tplan.execution.startswith("module hooks")
     with torch.no_grad():
         assert zoo.rel_err(tmodel(ids), expected_at_init) < 5e-4
-        g = torch.Generator().manual_seed(1)
-        for p in tmodel.attnres.parameters():
-            p.copy_(0.5 * torch.randn(p.shape, generator=g))
-        params = [
-            (tmodel.get_parameter(s.query), tmodel.get_parameter(s.key_weight)) if s.query else None
-            for s in (*tplan.sites, tplan.final)
-        ]
+        params = reference.random_site_parameters_(tmodel)
         start = original.embed(ids)
         expected = original.norm(reference.block_attnres(start, sublayers(original), params, block_size, 1e-6))
         out = tmodel(ids)
