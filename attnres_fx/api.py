@@ -61,19 +61,9 @@ def transform(
     """
     _refuse_transformed(model)
     _refuse_distributed_wrappers(model)
-    compiled_inner = (
-        getattr(model, "_orig_mod", None) if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else None
-    )
-    if compiled_inner is not None:
-        return _transform_compiled(
-            model,
-            compiled_inner,
-            example_inputs,
-            num_blocks=num_blocks,
-            block_size=block_size,
-            allow_unnormalized_reads=allow_unnormalized_reads,
-            passes=passes,
-        )
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        options = dict(num_blocks=num_blocks, block_size=block_size, passes=passes)
+        return _transform_compiled(model, example_inputs, allow_unnormalized_reads=allow_unnormalized_reads, **options)
     check_pass_names(passes)
     if num_blocks < 1 or (block_size is not None and block_size < 1):
         raise AttnResError(
@@ -123,8 +113,8 @@ def from_pretrained(model_class: Any, path: str | os.PathLike, **kwargs: Any) ->
     if settings is None:
         raise AttnResError(
             f"{path} holds no AttnRes settings (`{hf.SETTINGS_KEY}` in config.json): it was not saved from a "
-            "transformed "
-            f"model. Load it with `{getattr(model_class, '__name__', model_class)}.from_pretrained` and transform it."
+            f"transformed model. Load it with `{getattr(model_class, '__name__', model_class)}.from_pretrained` and "
+            "transform it."
         )
     model = transform(model, block_size=settings["block_size"])
     missing, unexpected = model.load_state_dict(hf.attnres_tensors(path), strict=False)
@@ -301,18 +291,17 @@ def _attnres_parameters(model: nn.Module) -> AttnResParameters | None:
     return next((m for m in model.modules() if isinstance(m, AttnResParameters)), None)
 
 
-def _transform_compiled(
-    compiled: nn.Module, inner: nn.Module, example_inputs: ExampleInputs | None, **options: Any
-) -> nn.Module:
+def _transform_compiled(compiled: nn.Module, example_inputs: ExampleInputs | None, **options: Any) -> nn.Module:
     """A model already wrapped by torch.compile: transform the model it wraps, in place, and keep the wrapper (and
     its compile options), so state-dict keys stay the model's own."""
+    inner = compiled._orig_mod
     result = transform(inner, example_inputs, **options)
     if result is not inner:
         raise AttnResError(
             f"{type(inner).__name__} is wrapped by torch.compile, and its stream can only be executed by replaying the "
             f"rewritten graph ({plan(result).execution}), which the existing compiled wrapper does not run. "
-            "Transform the "
-            "model itself and compile what transform returns: `torch.compile(attnres_fx.transform(model))`."
+            "Transform the model itself and compile what transform returns: "
+            "`torch.compile(attnres_fx.transform(model))`."
         )
     return compiled
 
