@@ -204,10 +204,9 @@ class DepthRuntime:
         found = same or [c for c in alive if (t := handed(c)) is not None and _same_tensor(t, given)]
         if len(found) > 1:
             raise AttnResError(
-                f"`{self.layers[i].path}` is being recomputed (activation checkpointing) from copies of its inputs, "
-                "and "
-                f"{len(found)} of its calls that await their backward were handed equal inputs, so the depth state "
-                "of the one being recomputed cannot be told. Run each backward before the next forward with the same "
+                f"`{self.layers[i].path}` is recomputed (activation checkpointing) from copies of its inputs, and "
+                f"{len(found)} of its calls that await their backward were handed equal inputs, so the depth state of "
+                "the one being recomputed cannot be told. Run each backward before the next forward with the same "
                 "inputs, or checkpoint without offloading."
             )
         return found[0] if found else None
