@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import ops
 from .errors import AttnResError
@@ -90,13 +89,12 @@ class DepthRuntime:
 
     def _init_per_call_state(self) -> None:
         self._local = threading.local()  # .depth: after the last layer that returned; .layer: the layer running
-        self._depth_of_input: WeakIdKeyDictionary = WeakIdKeyDictionary()  # eager: mix handed on -> its depth
         # eager: per layer, its calls whose autograd graph is alive (each call is held by its output's graph node),
         # for recomputations in the backward
         self._recomputable: dict[int, list[weakref.ref[_LayerCall]]] = defaultdict(list)
 
     def __getstate__(self) -> dict[str, Any]:
-        per_call = ("_local", "_depth_of_input", "_recomputable")
+        per_call = ("_local", "_recomputable")
         return {k: v for k, v in self.__dict__.items() if k not in per_call}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -119,11 +117,8 @@ class DepthRuntime:
         if layer.first_site == 0:
             depth = self._start(x)
         else:
-            depth = self._depth_of_input.get(x) if eager else None
-            live = getattr(self._local, "depth", None)
-            if depth is None and live is not None and live.site == layer.first_site:
-                depth = live  # the input was wrapped on its way in (a full backward hook on the layer)
-            elif depth is None and eager:  # no call in progress: a recomputation in the backward, handed a copy
+            depth = getattr(self._local, "depth", None)  # what the layer before left, in this call
+            if (depth is None or depth.site != layer.first_site) and eager:  # a recomputation in the backward
                 recomputed = self._recomputed_call(i, x, lambda c: c.mix_in)
                 depth = recomputed.entry if recomputed is not None else None
             if depth is None or depth.site != layer.first_site:
@@ -155,7 +150,7 @@ class DepthRuntime:
         layer = self.layers[i]
         call = self._local.layer
         stream = output if layer.output_index is None else output[layer.output_index]
-        stream = stream.reshape(call.mix_in.shape)
+        stream = _as_shape(stream, call.mix_in.shape)
         if layer.in_place:  # the tensor the layer added to in place: what it holds now is kept as a copy
             stream = stream.clone()
         partial = stream if call.base is None else stream - call.base
@@ -170,8 +165,6 @@ class DepthRuntime:
             self._local.depth = None
         else:
             self._local.depth = depth
-            if not torch.compiler.is_compiling():
-                self._depth_of_input[mix] = depth
         if not torch.compiler.is_compiling() and mix.grad_fn is not None:  # a backward may recompute this call
             mix.grad_fn.metadata.setdefault("attnres_fx", []).append(call)  # downstream of all it holds: no cycle
             self._recomputable[i].append(weakref.ref(call))
@@ -219,7 +212,7 @@ class DepthRuntime:
         flatten it). A layer with in-place adds changes that value after the norm has read it, so a copy is kept."""
         if call.cached is not None and call.cached[0] == site and call.cached[1] is stream:
             return call.cached[2]  # a second norm reading the same sublayer input (parallel residual)
-        value = stream.reshape(call.mix_in.shape)
+        value = _as_shape(stream, call.mix_in.shape)
         value = value.clone() if in_place else value
         partial = value if call.base is None else value - call.base
         if site % self.plan.block_size == 0:
@@ -227,7 +220,7 @@ class DepthRuntime:
             mix = self._mix(call.depth, site, None)
         else:
             mix = self._mix(call.depth, site, partial)
-        mix = mix.reshape(stream.shape)
+        mix = _as_shape(mix, stream.shape)
         call.cached = (site, stream, mix)
         return mix
 
@@ -290,6 +283,11 @@ class _DepthForward:
         args, kwargs = self.runtime.enter_layer(self.index, args, kwargs)
         output = type(self.module).forward(self.module, *args, **kwargs)
         return self.runtime.leave_layer(self.index, args, kwargs, output)
+
+
+def _as_shape(x: Tensor, shape: torch.Size) -> Tensor:
+    """`x` viewed in `shape` (a layer may flatten the stream); no op at all in the usual case, where it has it."""
+    return x if x.shape == shape else x.reshape(shape)
 
 
 def _same_tensor(a: Tensor, b: Tensor) -> bool:
