@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +25,11 @@ class SiteRecord:
     sources: list[Tensor]  # stream start, completed blocks, partial sum (the last source is always the
     # running sum of the current or just-completed block)
 
+
+if importlib.util.find_spec("triton") is not None:
+    from . import kernels as _kernels
+else:  # a torch build without triton: the torch implementation below is the only one
+    _kernels = None
 
 # Set by `recording()`; the plain op appends a SiteRecord for each site it computes.
 _record: list[SiteRecord] | None = None
@@ -75,9 +81,14 @@ def recording() -> Iterator[list[SiteRecord]]:
 # backward is chosen here, not left to autograd: the per-token softmax statistics (m, l), the
 # sources and outputs the graph keeps anyway, and nothing of shape [tokens, J, d]. The cheap parts
 # (logits, exponentials) are recomputed. The running max m only keeps exp() in range: the result
-# does not depend on it, so it carries no gradient.
+# does not depend on it, so it carries no gradient. Phase 1's forward and backward are computed by
+# the Triton kernels (`kernels.py`) for CUDA tensors, the merge's in eager mode only: under
+# torch.compile Inductor fuses the torch code of the merge into the kernel of the norm that reads
+# its output (one pass over the partial sum instead of a write and a read of the mix, which an
+# opaque kernel would cost). Everywhere else the torch code below computes.
 
 BlockStats = tuple[Tensor, Tensor, Tensor]  # running max [..., J], sum of exp [..., J], weighted sum [..., J, d]
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def block_scores(
@@ -101,24 +112,51 @@ def completed_only(stats: BlockStats, k: int, like: Tensor) -> Tensor:
     return _Normalize.apply(stats[1][..., k], stats[2][..., k, :], like.dtype)
 
 
+def _on_kernels(x: Tensor) -> bool:
+    """Whether the Triton kernels compute for `x`: CUDA tensors of the dtypes they handle, triton installed."""
+    return _kernels is not None and x.is_cuda and x.dtype in _KERNEL_DTYPES
+
+
+def _merge_on_kernels(partial: Tensor) -> bool:
+    """The merge's kernels run in eager mode; compiled, Inductor fuses its torch code with the norm that follows."""
+    return _on_kernels(partial) and not torch.compiler.is_compiling()
+
+
 def _keys_dot(values: Tensor, weight: Tensor) -> Tensor:
     """values [..., d] . weight [J, d] -> [..., J], written so that Inductor fuses it into one read."""
     return (values.unsqueeze(-2) * weight).sum(-1)
 
 
 def _weight_grad(grad_logits: Tensor, values: Tensor) -> Tensor:
-    """Sum over tokens of grad_logits[..., J] (x) values[..., d] -> [J, d]."""
-    return torch.matmul(grad_logits.flatten(0, -2).t(), values.flatten(0, -2))
+    """Sum over tokens of grad_logits[..., J] (x) values[..., d] -> [J, d] (fp32), one matmul in the values' dtype."""
+    grad = grad_logits.flatten(0, -2).t().to(values.dtype)
+    return torch.matmul(grad, values.flatten(0, -2)).float()
 
 
 def _phase_one(weight: Tensor, blocks: Sequence[Tensor], inv_rms: Sequence[Tensor]) -> BlockStats:
     """Phase 1's forward: logits per completed block, then the online statistics over all of them."""
+    if _on_kernels(blocks[0]):
+        return _kernels.phase_one(weight, list(blocks), list(inv_rms))
     values = [b.float() for b in blocks]
-    logits = [_source_logits(v, r, weight) for v, r in zip(values, inv_rms)]
+    logits = [_keys_dot(v, weight) * r for v, r in zip(values, inv_rms)]
     m = functools.reduce(torch.maximum, logits)
     exps = [torch.exp(x - m) for x in logits]
     weighted = functools.reduce(torch.add, (e.unsqueeze(-1) * v.unsqueeze(-2) for e, v in zip(exps, values)))
-    return m, functools.reduce(torch.add, exps), weighted
+    return m, functools.reduce(torch.add, exps), weighted.to(blocks[0].dtype)
+
+
+def _phase_one_grads(
+    weight: Tensor, m: Tensor, blocks: Sequence[Tensor], inv_rms: Sequence[Tensor], grad_l: Tensor, grad_o: Tensor
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Phase 1's backward: gradients of (weight, each block, each inverse RMS)."""
+    if _on_kernels(blocks[0]):
+        grad_blocks, grad_rms, coef = _kernels.phase_one_backward(
+            weight, m, list(blocks), list(inv_rms), grad_l, grad_o
+        )
+        grad_weight = functools.reduce(torch.add, (_weight_grad(c, b) for c, b in zip(coef, blocks)))
+        return grad_weight, grad_blocks, grad_rms
+    grads = [_source_grads(b, r, weight, m, grad_l, grad_o) for b, r in zip(blocks, inv_rms)]
+    return functools.reduce(torch.add, (g[2] for g in grads)), [g[0] for g in grads], [g[1] for g in grads]
 
 
 class _BlockScores(torch.autograd.Function):
@@ -136,16 +174,10 @@ class _BlockScores(torch.autograd.Function):
     def backward(ctx, _grad_m: Tensor, grad_l: Tensor, grad_o: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         weight, m, *blocks_and_rms = ctx.saved_tensors
         n = len(blocks_and_rms) // 2
-        grads = [_source_grads(b, r, weight, m, grad_l, grad_o) for b, r in zip(blocks_and_rms[:n], blocks_and_rms[n:])]
-        grad_weight = functools.reduce(torch.add, (g[2] for g in grads))
-        grad_blocks = [g[0] for g in grads]
-        grad_rms = [g[1] for g in grads]
+        grad_weight, grad_blocks, grad_rms = _phase_one_grads(
+            weight, m, blocks_and_rms[:n], blocks_and_rms[n:], grad_l, grad_o
+        )
         return grad_weight, *grad_blocks, *grad_rms
-
-
-def _source_logits(v: Tensor, r: Tensor, weight: Tensor) -> Tensor:
-    """Logits [..., J] of one completed block for the J sublayers."""
-    return _keys_dot(v, weight) * r
 
 
 def _source_grads(
@@ -168,9 +200,7 @@ class _Merge(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx, m: Tensor, l: Tensor, o: Tensor, partial: Tensor, weight: Tensor, eps: float
     ) -> Tensor:
-        p = partial.float()
-        a, b, z, _ = _merge_terms(m, l, p, weight, eps)
-        out = ((a.unsqueeze(-1) * o + b.unsqueeze(-1) * p) / z.unsqueeze(-1)).to(partial.dtype)
+        out = _merge(m, l, o, partial, weight, eps)
         ctx.save_for_backward(m, l, partial, weight, out)
         ctx.eps = eps
         return out
@@ -178,14 +208,33 @@ class _Merge(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         m, l, partial, weight, out = ctx.saved_tensors
-        p, g = partial.float(), grad_out.float()
-        a, b, z, (dot, r) = _merge_terms(m, l, p, weight, ctx.eps)
-        g_out = (g * out.float()).sum(-1)  # dh/dl and dh/ds both end in -h: g . h, from the output
-        grad_s = b * ((g * p).sum(-1) - g_out) / z
-        grad_p = (b / z).unsqueeze(-1) * g + (grad_s * r).unsqueeze(-1) * weight
-        grad_p = grad_p - (grad_s * dot * r.pow(3) / p.shape[-1]).unsqueeze(-1) * p  # through 1/RMS(p)
-        grad_weight = _weight_grad((grad_s * r).unsqueeze(-1), p).squeeze(0)
-        return None, -a * g_out / z, (a / z).unsqueeze(-1) * g, grad_p.to(partial.dtype), grad_weight, None
+        return None, *_merge_grads(m, l, partial, weight, out, grad_out, ctx.eps), None
+
+
+def _merge(m: Tensor, l: Tensor, o: Tensor, partial: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """The merge's forward."""
+    if _merge_on_kernels(partial):
+        return _kernels.merge(m, l, o, partial, weight, eps)
+    p = partial.float()
+    a, b, z, _ = _merge_terms(m, l, p, weight, eps)
+    return ((a.unsqueeze(-1) * o + b.unsqueeze(-1) * p) / z.unsqueeze(-1)).to(partial.dtype)
+
+
+def _merge_grads(
+    m: Tensor, l: Tensor, partial: Tensor, weight: Tensor, out: Tensor, grad_out: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The merge's backward: gradients of (l, o, partial, weight), from the output instead of phase 1's o."""
+    if _merge_on_kernels(partial):
+        grad_l, grad_o, grad_p, coef = _kernels.merge_backward(m, l, partial, weight, out, grad_out, eps)
+        return grad_l, grad_o, grad_p, _weight_grad(coef.unsqueeze(-1), partial).squeeze(0)
+    p, g = partial.float(), grad_out.float()
+    a, b, z, (dot, r) = _merge_terms(m, l, p, weight, eps)
+    g_out = (g * out.float()).sum(-1)  # dh/dl and dh/ds both end in -h: g . h, from the output
+    grad_s = b * ((g * p).sum(-1) - g_out) / z
+    grad_p = (b / z).unsqueeze(-1) * g + (grad_s * r).unsqueeze(-1) * weight
+    grad_p = grad_p - (grad_s * dot * r.pow(3) / p.shape[-1]).unsqueeze(-1) * p  # through 1/RMS(p)
+    grad_weight = _weight_grad((grad_s * r).unsqueeze(-1), p).squeeze(0)
+    return -a * g_out / z, (a / z).unsqueeze(-1) * g, grad_p.to(partial.dtype), grad_weight
 
 
 def _merge_terms(
@@ -205,7 +254,7 @@ class _Normalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, l: Tensor, o: Tensor, dtype: torch.dtype) -> Tensor:  # type: ignore[override]
-        out = (o / l.unsqueeze(-1)).to(dtype)
+        out = (o.float() / l.unsqueeze(-1)).to(dtype)
         ctx.save_for_backward(l, out)
         return out
 

@@ -54,7 +54,7 @@ def main() -> None:
     cfg = CONFIGS[args.config]
     rows, kernels = [], {}
     for variant in args.variants.split(","):
-        model = build(variant, cfg, "cpu").train()
+        model = build(variant, cfg, "cpu", torch.float32).train()
         ids = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]))
         call = torch.compile(model)
         metrics.reset()

@@ -1,7 +1,7 @@
 """Baseline vs attnres_fx (plain rewrite, optimised) vs hand-written AttnRes, eager and compiled.
 
     python -m benchmarks.run --config small            # CPU, a few minutes
-    python -m benchmarks.run --config medium --device cuda
+    python -m benchmarks.run --config medium --device cuda         # bf16 by default on CUDA
 
 Prints ratios against the compiled baseline measured in the same run (variants interleaved, paired
 medians) and writes JSON under benchmarks/results/. Per variant: training step, inference forward,
@@ -39,12 +39,12 @@ CONFIGS = {
 }
 
 
-def build(variant: str, cfg: dict, device: str) -> torch.nn.Module:
+def build(variant: str, cfg: dict, device: str, dtype: torch.dtype) -> torch.nn.Module:
     shape = dict(d=cfg["d"], layers=cfg["layers"], heads=cfg["heads"], vocab=cfg["vocab"])
     torch.manual_seed(0)
     if variant == "handwritten":
-        return HandWrittenAttnRes(**shape).to(device)
-    model = Transformer(**shape).to(device)
+        return HandWrittenAttnRes(**shape).to(device, dtype)
+    model = Transformer(**shape).to(device, dtype)
     if variant == "baseline":
         return model
     ids = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]), device=device)
@@ -59,10 +59,10 @@ def sync(device: str) -> None:
 class Runner:
     """One variant in one mode: its model, optimizer and compiled callable."""
 
-    def __init__(self, variant: str, compiled: bool, cfg: dict, device: str):
+    def __init__(self, variant: str, compiled: bool, cfg: dict, device: str, dtype: torch.dtype):
         self.name = f"{variant} ({'compiled' if compiled else 'eager'})"
         self.variant, self.compiled, self.device = variant, compiled, device
-        self.model = build(variant, cfg, device)
+        self.model = build(variant, cfg, device, dtype)
         self.call: Callable = torch.compile(self.model) if compiled else self.model
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.ids = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]), device=device)
@@ -126,7 +126,7 @@ def saved_tensors(root: torch.autograd.graph.Node) -> Iterator[torch.Tensor]:
         stack.extend(n for n, _ in node.next_functions)
 
 
-def cold_compile_seconds(config: str, variant: str, device: str) -> float:
+def cold_compile_seconds(config: str, variant: str, device: str, dtype: torch.dtype) -> float:
     """The first compiled training step of `variant`, in a fresh process with empty compile caches.
 
     In one process, later variants would reuse the kernels and graphs an earlier one compiled (the
@@ -144,15 +144,17 @@ def cold_compile_seconds(config: str, variant: str, device: str) -> float:
             device,
             "--threads",
             str(torch.get_num_threads()),
+            "--dtype",
+            str(dtype).removeprefix("torch."),
         ]
         out = subprocess.run([*cmd, "--first-step-of", variant], env=env, capture_output=True, text=True, check=True)
     return float(out.stdout.split()[-1])
 
 
-def run(config: str, device: str, rounds: int, variants: list[str], eager: bool) -> dict:
+def run(config: str, device: str, dtype: torch.dtype, rounds: int, variants: list[str], eager: bool) -> dict:
     cfg = CONFIGS[config]
-    compile_s = {v: cold_compile_seconds(config, v, device) for v in variants}
-    runners = [Runner(v, c, cfg, device) for v in variants for c in ((False, True) if eager else (True,))]
+    compile_s = {v: cold_compile_seconds(config, v, device, dtype) for v in variants}
+    runners = [Runner(v, c, cfg, device, dtype) for v in variants for c in ((False, True) if eager else (True,))]
     results: dict[str, dict] = {}
     for r in runners:
         r.train_step(), r.infer()  # compiles when compiled
@@ -165,7 +167,14 @@ def run(config: str, device: str, rounds: int, variants: list[str], eager: bool)
             results[r.name]["train"].append(r.train_step())
         for r in runners:
             results[r.name]["infer"].append(r.infer())
-    return {"config": config, "cfg": cfg, "device": device_name(device), "rounds": rounds, "results": results}
+    return {
+        "config": config,
+        "cfg": cfg,
+        "device": device_name(device),
+        "dtype": str(dtype),
+        "rounds": rounds,
+        "results": results,
+    }
 
 
 def paired_ratio(xs: list[float], base: list[float]) -> float:
@@ -219,6 +228,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=list(CONFIGS), default="small")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 on CUDA, else float32")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (baked into Inductor's kernels)")
     parser.add_argument("--variants", default="baseline,attnres_fx_plain,attnres_fx,handwritten")
@@ -228,14 +238,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     if args.first_step_of:
-        print(Runner(args.first_step_of, True, CONFIGS[args.config], args.device).train_step())
+        print(Runner(args.first_step_of, True, CONFIGS[args.config], args.device, dtype).train_step())
         return
-    report = run(args.config, args.device, args.rounds, args.variants.split(","), not args.no_eager)
+    report = run(args.config, args.device, dtype, args.rounds, args.variants.split(","), not args.no_eager)
     report["torch"] = torch.__version__
     text = table(report)
     print(
-        f"{args.config} {report['cfg']} on {report['device']}, torch {torch.__version__}, {args.rounds} rounds\n{text}"
+        f"{args.config} {report['cfg']} {dtype} on {report['device']}, torch {torch.__version__}, "
+        f"{args.rounds} rounds\n{text}"
     )
     os.makedirs(args.out, exist_ok=True)
     path = Path(args.out) / f"{args.config}-{'cuda' if args.device == 'cuda' else 'cpu'}.json"

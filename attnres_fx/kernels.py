@@ -1,0 +1,314 @@
+"""Triton kernels for the two-phase depth attention (`ops.py` holds the math they implement and its autograd).
+
+Each is a `torch.library.triton_op`, so torch.compile traces it with fullgraph and Inductor schedules the kernel
+among its own. `ops.py` calls them for CUDA tensors (the merge's in eager mode; compiled, Inductor fuses the merge
+into the norm that reads it); on CPU they run under the Triton interpreter (`TRITON_INTERPRET=1`, set before triton
+is imported), which is how the tests check them.
+
+Memory traffic is what they save: phase 1 reads every completed block once for all J sublayers of a block (the J
+programs of a row tile run side by side and share the tile through the cache) and keeps the running statistics in
+registers; the merge reads the partial sum and the phase-1 row once. Statistics are fp32; the blocks, the partial
+sum, the weighted sum and the output are in the model's dtype. The weight gradients are per-token coefficients here,
+reduced over tokens by one matmul in `ops.py` (cuBLAS), which keeps the kernels free of atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+MAX_BLOCKS = 8  # completed blocks one phase-1 launch reads; more are folded in by further launches
+_TILE_ELEMENTS = 4096  # rows x padded d held per program
+
+
+def _tile(d: int) -> tuple[int, int, int]:
+    """(rows per program, padded d, warps) for rows of `d` elements."""
+    block_d = triton.next_power_of_2(d)
+    return max(1, min(64, _TILE_ELEMENTS // block_d)), block_d, 4 if block_d <= 2048 else 8
+
+
+@triton.jit
+def _fold_block(b_ptr, r_ptr, rows, cols, row_mask, mask, D, w, m, l, acc):
+    """Online softmax: add one completed block's scores and values to the running (max, sum, weighted sum)."""
+    v = tl.load(b_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + rows, mask=row_mask, other=0.0)
+    x = tl.sum(v * w[None, :], 1) * r
+    top = tl.maximum(m, x)
+    alpha, beta = tl.exp(m - top), tl.exp(x - top)
+    return top, l * alpha + beta, acc * alpha[:, None] + beta[:, None] * v
+
+
+# fmt: off
+@triton.jit
+def _phase_one_kernel(
+    w_ptr,
+    b0, b1, b2, b3, b4, b5, b6, b7,
+    r0, r1, r2, r3, r4, r5, r6, r7,
+    m_ptr, l_ptr, o_ptr, M, D, J,
+    NUM: tl.constexpr, HAS_INIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program (j, row tile): sublayer j's statistics over NUM completed blocks, continuing from the stored ones."""
+    j, tile = tl.program_id(0), tl.program_id(1)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    row_mask, col_mask = rows < M, cols < D
+    mask = row_mask[:, None] & col_mask[None, :]
+    w = tl.load(w_ptr + j * D + cols, mask=col_mask, other=0.0)
+    stat = rows * J + j
+    out = stat[:, None] * D + cols[None, :]
+    if HAS_INIT:
+        m = tl.load(m_ptr + stat, mask=row_mask, other=0.0)
+        l = tl.load(l_ptr + stat, mask=row_mask, other=0.0)
+        acc = tl.load(o_ptr + out, mask=mask, other=0.0).to(tl.float32)
+    else:
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    m, l, acc = _fold_block(b0, r0, rows, cols, row_mask, mask, D, w, m, l, acc)
+    if NUM > 1:
+        m, l, acc = _fold_block(b1, r1, rows, cols, row_mask, mask, D, w, m, l, acc)
+    if NUM > 2:
+        m, l, acc = _fold_block(b2, r2, rows, cols, row_mask, mask, D, w, m, l, acc)
+    if NUM > 3:
+        m, l, acc = _fold_block(b3, r3, rows, cols, row_mask, mask, D, w, m, l, acc)
+    if NUM > 4:
+        m, l, acc = _fold_block(b4, r4, rows, cols, row_mask, mask, D, w, m, l, acc)
+    if NUM > 5:
+        m, l, acc = _fold_block(b5, r5, rows, cols, row_mask, mask, D, w, m, l, acc)
+    if NUM > 6:
+        m, l, acc = _fold_block(b6, r6, rows, cols, row_mask, mask, D, w, m, l, acc)
+    if NUM > 7:
+        m, l, acc = _fold_block(b7, r7, rows, cols, row_mask, mask, D, w, m, l, acc)
+    tl.store(m_ptr + stat, m, mask=row_mask)
+    tl.store(l_ptr + stat, l, mask=row_mask)
+    tl.store(o_ptr + out, acc.to(o_ptr.dtype.element_ty), mask=mask)
+# fmt: on
+
+
+@triton.jit
+def _block_grads(b_ptr, r_ptr, gb_ptr, gr_ptr, c_ptr, w_ptr, m_ptr, gl_ptr, go_ptr, rows, cols, row_mask, mask, D, J):
+    """One completed block's gradients (block, inverse RMS) and its weight-gradient coefficients, over all J."""
+    tile = rows[:, None] * D + cols[None, :]
+    v = tl.load(b_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + rows, mask=row_mask, other=0.0)
+    grad_v = tl.zeros(v.shape, tl.float32)
+    grad_r = tl.zeros(r.shape, tl.float32)
+    for j in range(J):
+        w = tl.load(w_ptr + j * D + cols, mask=cols < D, other=0.0)
+        stat = rows * J + j
+        go = tl.load(go_ptr + stat[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        z = tl.sum(v * w[None, :], 1)
+        e = tl.exp(z * r - tl.load(m_ptr + stat, mask=row_mask, other=0.0))
+        grad_x = (tl.load(gl_ptr + stat, mask=row_mask, other=0.0) + tl.sum(go * v, 1)) * e
+        grad_v += e[:, None] * go + (grad_x * r)[:, None] * w[None, :]
+        grad_r += grad_x * z
+        tl.store(c_ptr + stat, grad_x * r, mask=row_mask)
+    tl.store(gb_ptr + tile, grad_v.to(gb_ptr.dtype.element_ty), mask=mask)
+    tl.store(gr_ptr + rows, grad_r, mask=row_mask)
+
+
+# fmt: off
+@triton.jit
+def _phase_one_backward_kernel(
+    w_ptr, m_ptr, gl_ptr, go_ptr,
+    b0, b1, b2, b3, b4, b5, b6, b7,
+    r0, r1, r2, r3, r4, r5, r6, r7,
+    gb0, gb1, gb2, gb3, gb4, gb5, gb6, gb7,
+    gr0, gr1, gr2, gr3, gr4, gr5, gr6, gr7,
+    c_ptr, M, D, J, NUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program (row tile): the gradients of NUM completed blocks; the tile's upstream gradients stay in cache."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    row_mask = rows < M
+    mask = row_mask[:, None] & (cols < D)[None, :]
+    step = M * J  # coefficients are [blocks, M, J]
+    _block_grads(b0, r0, gb0, gr0, c_ptr, w_ptr, m_ptr, gl_ptr, go_ptr, rows, cols, row_mask, mask, D, J)
+    if NUM > 1:
+        _block_grads(b1, r1, gb1, gr1, c_ptr + step, w_ptr, m_ptr, gl_ptr, go_ptr, rows, cols, row_mask, mask, D, J)
+    if NUM > 2:
+        _block_grads(b2, r2, gb2, gr2, c_ptr + 2 * step, w_ptr, m_ptr, gl_ptr, go_ptr, rows, cols, row_mask, mask, D, J)
+    if NUM > 3:
+        _block_grads(b3, r3, gb3, gr3, c_ptr + 3 * step, w_ptr, m_ptr, gl_ptr, go_ptr, rows, cols, row_mask, mask, D, J)
+    if NUM > 4:
+        _block_grads(b4, r4, gb4, gr4, c_ptr + 4 * step, w_ptr, m_ptr, gl_ptr, go_ptr, rows, cols, row_mask, mask, D, J)
+    if NUM > 5:
+        _block_grads(b5, r5, gb5, gr5, c_ptr + 5 * step, w_ptr, m_ptr, gl_ptr, go_ptr, rows, cols, row_mask, mask, D, J)
+    if NUM > 6:
+        _block_grads(b6, r6, gb6, gr6, c_ptr + 6 * step, w_ptr, m_ptr, gl_ptr, go_ptr, rows, cols, row_mask, mask, D, J)
+    if NUM > 7:
+        _block_grads(b7, r7, gb7, gr7, c_ptr + 7 * step, w_ptr, m_ptr, gl_ptr, go_ptr, rows, cols, row_mask, mask, D, J)
+# fmt: on
+
+
+@triton.jit
+def _merge_terms(m_ptr, l_ptr, p_ptr, w_ptr, rows, cols, row_mask, mask, D, stride_s, eps):
+    """The partial sum (fp32), its inverse RMS, p . weight, the weight, and the merge's a, b and normaliser."""
+    p = tl.load(p_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=cols < D, other=0.0)
+    m = tl.load(m_ptr + rows * stride_s, mask=row_mask, other=0.0)
+    l = tl.load(l_ptr + rows * stride_s, mask=row_mask, other=1.0)
+    dot = tl.sum(p * w[None, :], 1)
+    r = 1.0 / tl.sqrt(tl.sum(p * p, 1) / D + eps)
+    s = dot * r
+    top = tl.maximum(m, s)
+    a, b = tl.exp(m - top), tl.exp(s - top)
+    return p, r, dot, w, a, b, a * l + b
+
+
+@triton.jit
+def _merge_kernel(
+    m_ptr,
+    l_ptr,
+    o_ptr,
+    p_ptr,
+    w_ptr,
+    out_ptr,
+    M,
+    D,
+    stride_s,
+    stride_o,
+    eps,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Program (row tile): h = (a o + b p) / (a l + b), the partial sum as one more source of the softmax."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    row_mask = rows < M
+    mask = row_mask[:, None] & (cols < D)[None, :]
+    p, r, dot, w, a, b, z = _merge_terms(m_ptr, l_ptr, p_ptr, w_ptr, rows, cols, row_mask, mask, D, stride_s, eps)
+    o = tl.load(o_ptr + rows[:, None] * stride_o + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    h = (a[:, None] * o + b[:, None] * p) / z[:, None]
+    tl.store(out_ptr + rows[:, None] * D + cols[None, :], h.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _merge_backward_kernel(
+    m_ptr,
+    l_ptr,
+    p_ptr,
+    w_ptr,
+    h_ptr,
+    g_ptr,
+    gl_ptr,
+    go_ptr,
+    gp_ptr,
+    c_ptr,
+    M,
+    D,
+    stride_s,
+    eps,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Program (row tile): the merge's gradients, from the saved output rather than phase 1's weighted sum."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    row_mask = rows < M
+    mask = row_mask[:, None] & (cols < D)[None, :]
+    tile = rows[:, None] * D + cols[None, :]
+    p, r, dot, w, a, b, z = _merge_terms(m_ptr, l_ptr, p_ptr, w_ptr, rows, cols, row_mask, mask, D, stride_s, eps)
+    g = tl.load(g_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+    g_out = tl.sum(g * tl.load(h_ptr + tile, mask=mask, other=0.0).to(tl.float32), 1)
+    grad_s = b * (tl.sum(g * p, 1) - g_out) / z
+    grad_p = (b / z)[:, None] * g + (grad_s * r)[:, None] * w[None, :]
+    grad_p -= (grad_s * dot * r * r * r / D)[:, None] * p
+    tl.store(gl_ptr + rows, -a * g_out / z, mask=row_mask)
+    tl.store(go_ptr + tile, ((a / z)[:, None] * g).to(go_ptr.dtype.element_ty), mask=mask)
+    tl.store(gp_ptr + tile, grad_p.to(gp_ptr.dtype.element_ty), mask=mask)
+    tl.store(c_ptr + rows, grad_s * r, mask=row_mask)
+
+
+def _rows(x: Tensor) -> Tensor:
+    """`x` as contiguous [tokens, d] rows (a view when it is contiguous already)."""
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def _chunks(tensors: list[Tensor]) -> list[list[Tensor]]:
+    """Up to MAX_BLOCKS at a time, padded with the first (unused: the kernel's NUM says how many count)."""
+    chunks = [tensors[i : i + MAX_BLOCKS] for i in range(0, len(tensors), MAX_BLOCKS)]
+    return [chunk + [chunk[0]] * (MAX_BLOCKS - len(chunk)) for chunk in chunks]
+
+
+@triton_op("attnres_fx::phase_one", mutates_args=())
+def phase_one(weight: Tensor, blocks: list[Tensor], inv_rms: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Phase 1: (running max [..., J], sum [..., J], weighted sum [..., J, d]) of J sublayers over the blocks."""
+    j, d = weight.shape
+    lead = blocks[0].shape[:-1]
+    rows = [_rows(b) for b in blocks]
+    rms = [r.reshape(-1).contiguous() for r in inv_rms]
+    m_rows = rows[0].shape[0]
+    m = torch.empty(m_rows, j, device=weight.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    o = torch.empty(m_rows, j, d, device=weight.device, dtype=blocks[0].dtype)
+    block_m, block_d, warps = _tile(d)
+    grid = (j, triton.cdiv(m_rows, block_m))
+    for start, (bs, rs) in enumerate(zip(_chunks(rows), _chunks(rms))):
+        wrap_triton(_phase_one_kernel)[grid](
+            weight, *bs, *rs, m, l, o, m_rows, d, j,
+            NUM=min(MAX_BLOCKS, len(rows) - start * MAX_BLOCKS), HAS_INIT=start > 0,
+            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
+        )  # fmt: skip
+    return m.reshape(*lead, j), l.reshape(*lead, j), o.reshape(*lead, j, d)
+
+
+@triton_op("attnres_fx::phase_one_backward", mutates_args=())
+def phase_one_backward(
+    weight: Tensor, m: Tensor, blocks: list[Tensor], inv_rms: list[Tensor], grad_l: Tensor, grad_o: Tensor
+) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """Phase 1's gradients: per block (block, inverse RMS), and weight-gradient coefficients [blocks, tokens, J]."""
+    j, d = weight.shape
+    rows = [_rows(b) for b in blocks]
+    rms = [r.reshape(-1).contiguous() for r in inv_rms]
+    m_rows = rows[0].shape[0]
+    grad_blocks = [torch.empty_like(b) for b in rows]
+    grad_rms = [torch.empty_like(r) for r in rms]
+    coef = torch.empty(len(rows), m_rows, j, device=weight.device, dtype=torch.float32)
+    m, grad_l, grad_o = m.reshape(m_rows, j).contiguous(), grad_l.reshape(m_rows, j).contiguous(), _rows(grad_o)
+    block_m, block_d, warps = _tile(d)
+    for start, chunk in enumerate(zip(*(_chunks(t) for t in (rows, rms, grad_blocks, grad_rms)))):
+        first = start * MAX_BLOCKS
+        wrap_triton(_phase_one_backward_kernel)[(triton.cdiv(m_rows, block_m),)](
+            weight, m, grad_l, grad_o, *(t for part in chunk for t in part), coef[first:],
+            m_rows, d, j, NUM=min(MAX_BLOCKS, len(rows) - first), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
+        )  # fmt: skip
+    lead = blocks[0].shape
+    return [g.reshape(lead) for g in grad_blocks], [g.reshape(r.shape) for g, r in zip(grad_rms, inv_rms)], coef
+
+
+@triton_op("attnres_fx::merge", mutates_args=())
+def merge(m: Tensor, l: Tensor, o: Tensor, partial: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Phase 2: sublayer k's phase-1 row (m, l [...], o [..., d], strided views) merged with the partial sum."""
+    d = partial.shape[-1]
+    p = _rows(partial)
+    out = torch.empty_like(p)
+    m, l, o = m.reshape(-1), l.reshape(-1), o.reshape(-1, d)
+    block_m, block_d, warps = _tile(d)
+    wrap_triton(_merge_kernel)[(triton.cdiv(p.shape[0], block_m),)](
+        m, l, o, p, weight, out, p.shape[0], d, m.stride(0), o.stride(0), eps,
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
+    )  # fmt: skip
+    return out.reshape(partial.shape)
+
+
+@triton_op("attnres_fx::merge_backward", mutates_args=())
+def merge_backward(
+    m: Tensor, l: Tensor, partial: Tensor, weight: Tensor, out: Tensor, grad_out: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The merge's gradients: (l [...], o [..., d], partial [..., d]) and weight-gradient coefficients [...]."""
+    d = partial.shape[-1]
+    p, h, g = _rows(partial), _rows(out), _rows(grad_out)
+    m, l = m.reshape(-1), l.reshape(-1)
+    grad_l, coef = torch.empty_like(m), torch.empty_like(m)
+    grad_o, grad_p = torch.empty_like(p), torch.empty_like(p)
+    block_m, block_d, warps = _tile(d)
+    wrap_triton(_merge_backward_kernel)[(triton.cdiv(p.shape[0], block_m),)](
+        m, l, p, weight, h, g, grad_l, grad_o, grad_p, coef, p.shape[0], d, m.stride(0), eps,
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
+    )  # fmt: skip
+    lead = partial.shape[:-1]
+    return grad_l.reshape(lead), grad_o.reshape(partial.shape), grad_p.reshape(partial.shape), coef.reshape(lead)

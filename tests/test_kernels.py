@@ -1,0 +1,148 @@
+"""The Triton kernels compute what the torch ops compute, outputs and every gradient.
+
+On a machine without a GPU they run under the Triton interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1
+before triton is imported); with one, on CUDA tensors. Each case runs the same two-phase block twice, once on the
+kernels and once on the torch code, from the same inputs.
+"""
+
+import pytest
+import torch
+import zoo
+
+import attnres_fx
+from attnres_fx import kernels, ops
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EPS = 1e-6
+# (token dims, d, completed blocks, sublayers per block); tokens not a multiple of any tile, d not a power of two
+CASES = {
+    "ragged-d96": ((2, 37), 96, 3, 4),
+    "one-block-one-sublayer": ((5,), 64, 1, 1),
+    "full-attnres-many-blocks": ((3, 7), 40, kernels.MAX_BLOCKS + 3, 1),
+    "two-launches-block-size-3": ((19,), 96, kernels.MAX_BLOCKS + 1, 3),
+}
+
+
+@pytest.fixture
+def on_kernels(monkeypatch):
+    """Route the ops to the kernels (True) or to the torch code (False), whatever the device."""
+
+    def route(use: bool) -> None:
+        monkeypatch.setattr(ops, "_on_kernels", lambda x: use)
+
+    return route
+
+
+def block_inputs(lead, d, completed, sublayers, dtype, values_in):
+    """Random inputs in `dtype` holding values of `values_in` (bf16 values in fp32 for a bf16 run's reference)."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(values_in).to(DEVICE, dtype).requires_grad_()
+
+    blocks = [rand(*lead, d, scale=1 + i) for i in range(completed)]  # magnitudes that differ, as depth makes them
+    partials = [rand(*lead, d) for _ in range(sublayers - 1)]
+    queries = [rand(d, scale=0.5) for _ in range(sublayers)]
+    key_weights = [(1 + rand(d, scale=0.1)).detach().requires_grad_() for _ in range(sublayers)]
+    cotangents = [torch.randn(*lead, d, generator=g).to(DEVICE) for _ in range(sublayers)]
+    return blocks, partials, queries, key_weights, cotangents
+
+
+def two_phase_block(blocks, partials, queries, key_weights, cotangents):
+    """One block's sublayer inputs through the ops, and the gradients of a random projection of them."""
+    inv_rms = [ops.inverse_rms(b, EPS) for b in blocks]
+    stats = ops.block_scores(blocks, inv_rms, queries, key_weights)
+    outs = [ops.completed_only(stats, 0, blocks[0])]
+    outs += [ops.merge_partial(stats, k, p, queries[k], key_weights[k], EPS) for k, p in enumerate(partials, 1)]
+    leaves = [*blocks, *partials, *queries, *key_weights]
+    loss = sum((o.float() * c).sum() for o, c in zip(outs, cotangents))
+    return [o.detach() for o in outs], torch.autograd.grad(loss, leaves)
+
+
+def err(a, b) -> float:
+    """Largest difference relative to the reference's largest magnitude, or absolute below magnitude 1: with one
+    source the softmax is constant and the query's gradient is exactly zero, which rounding cannot be relative to."""
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1.0)).item()
+
+
+def run(route, use_kernels, case, dtype, values_in=None):
+    route(use_kernels)
+    return two_phase_block(*block_inputs(*case, dtype, values_in or dtype))
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_kernels_equal_torch_ops_fp32(on_kernels, case) -> None:
+    outs, grads = run(on_kernels, True, case, torch.float32)
+    ref_outs, ref_grads = run(on_kernels, False, case, torch.float32)
+    for out, ref in zip(outs, ref_outs):
+        assert err(out, ref) < 1e-5
+    for grad, ref in zip(grads, ref_grads, strict=True):
+        assert err(grad, ref) < 1e-5
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_kernels_in_bf16_match_an_fp32_reference(on_kernels, case) -> None:
+    """bf16 in and out, fp32 statistics, against the torch ops in fp32 on the same (bf16) values. bf16 keeps 8
+    significant bits: a rounding costs up to 2^-8 of a value on a GPU (to nearest), 2^-7 under the interpreter (toward
+    zero). An output meets two (phase 1's weighted sum, the result): 2 x 2^-7 < 2%; a gradient up to four (the output
+    it is computed from, the upstream gradient, its own): < 4%. A wrong index or dropped term is off by O(1)."""
+    outs, grads = run(on_kernels, True, case, torch.bfloat16)
+    ref_outs, ref_grads = run(on_kernels, False, case, torch.float32, values_in=torch.bfloat16)  # the same values
+    for out, ref in zip(outs, ref_outs):
+        assert out.dtype == torch.bfloat16
+        assert err(out, ref) < 2e-2
+    for grad, ref in zip(grads, ref_grads, strict=True):
+        assert err(grad, ref) < 4e-2
+
+
+def test_kernels_run_inside_a_transformed_model(on_kernels, monkeypatch) -> None:
+    """A transformed model's outputs and every gradient are the same on the kernels as on the torch ops."""
+    model = attnres_fx.transform(zoo.llama(layers=4), block_size=3)
+    with torch.no_grad():
+        for p in model.attnres.parameters():
+            p.normal_(std=0.3)
+    ids = zoo.token_ids()
+    launched = []
+    for name in ("phase_one", "phase_one_backward", "merge", "merge_backward"):
+        op = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, op=op, name=name: launched.append(name) or op(*a))
+    results = []
+    for use in (True, False):
+        on_kernels(use)
+        model.zero_grad()
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        results.append((out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert set(launched) == {"phase_one", "phase_one_backward", "merge", "merge_backward"}
+    (logits, grads), (ref_logits, ref_grads) = results
+    assert zoo.rel_err(logits, ref_logits) < 1e-5
+    for name, ref in ref_grads.items():
+        assert zoo.rel_err(grads[name], ref) < 1e-5, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Inductor compiles Triton kernels for CUDA tensors only")
+def test_kernels_compile_into_one_graph_on_cuda() -> None:
+    """On a GPU, phase 1's kernels are traced by torch.compile (fullgraph) and the result matches eager."""
+    torch._dynamo.reset()
+    model = attnres_fx.transform(zoo.llama(layers=4).cuda(), block_size=3)
+    with torch.no_grad():
+        for p in model.attnres.parameters():
+            p.normal_(std=0.3)
+    ids = zoo.token_ids().cuda()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._inductor.compile_fx.compile_fx(gm, example_inputs)
+
+    results = []
+    for call in (model, torch.compile(model, backend=backend, fullgraph=True)):
+        model.zero_grad()
+        out = call(input_ids=ids, labels=ids)
+        out.loss.backward()
+        results.append((out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert len(graphs) == 1 and any("attnres_fx.phase_one" in str(n.target) for n in graphs[0].graph.nodes)
+    (logits, grads), (ref_logits, ref_grads) = results
+    assert zoo.rel_err(logits, ref_logits) < 1e-4
+    for name, ref in ref_grads.items():
+        assert zoo.rel_err(grads[name], ref) < 1e-4, name
