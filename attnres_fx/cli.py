@@ -1,11 +1,14 @@
-"""The `attnres-fx` command: `demo` trains baseline vs AttnRes; `inspect` prints a model's plan.
+"""The `attnres-fx` command: `demo` trains baseline vs AttnRes; `inspect` prints a model's plan; `bench` compares
+compiler backends on a suite of models, original and transformed.
 
 attnres-fx demo                               # a few minutes on 2 cores; plots in attnres_demo/
 attnres-fx demo --layers 4 --steps 50 --out /tmp/demo
+attnres-fx demo --seeds 3                     # three seeds: the loss gap's mean and spread
 attnres-fx inspect --hf llama                 # tiny config of a transformers model type
 attnres-fx inspect --hf config.json --meta    # a config file, built on the meta device
 attnres-fx inspect --timm vit_small_patch16_224
 attnres-fx inspect --factory my_pkg.models:build --input-shape 2,16,256
+attnres-fx bench --size tiny --backends eager,aot_eager,inductor
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import plan, transform
-from .demo import DemoConfig, run_demo
+from . import bench, plan, transform
+from .demo import DemoConfig, run_demo, run_seeds
 from .errors import AttnResError
 
 TINY_HF = dict(
@@ -68,7 +71,10 @@ def demo(args: argparse.Namespace) -> None:
     fields = {f.name for f in dataclasses.fields(DemoConfig)}
     config = DemoConfig(**{k: v for k, v in vars(args).items() if k in fields})
     torch.set_num_threads(args.threads)  # before compiling: Inductor bakes the count into its kernels
-    run_demo(config, Path(args.out))
+    if args.seeds > 1:
+        run_seeds(config, Path(args.out), args.seeds)
+    else:
+        run_demo(config, Path(args.out))
 
 
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:
@@ -95,6 +101,9 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help=f"{what} (default {default})")
     p.add_argument("--lr", type=float, default=defaults.lr, help=f"peak learning rate (default {defaults.lr})")
     p.add_argument("--compile", action="store_true", help="train both with torch.compile (adds minutes of compilation)")
+    p.add_argument(
+        "--seeds", type=int, default=1, help="runs at seeds seed, seed+1, ...: the loss gap's mean and spread"
+    )
     p.add_argument("--threads", type=int, default=1, help="CPU threads")
     p.add_argument("--out", default="attnres_demo", help="folder for the plots and results.json")
     p.set_defaults(run=demo)
@@ -123,8 +132,11 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     add_demo_parser(sub)
     add_inspect_parser(sub)
+    bench.add_parser(sub)
     args = parser.parse_args(argv)
     try:
-        args.run(args)
+        status = args.run(args)  # `bench` returns 1 when an entry failed
     except AttnResError as exc:
         parser.exit(2, f"attnres-fx: {exc}\n")
+    if status:
+        parser.exit(status)

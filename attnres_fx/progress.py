@@ -13,14 +13,14 @@ class Progress:
         self.interactive = sys.stderr.isatty()
         self.next_line = 0
 
-    def update(self, done: int, losses: dict[str, float], tokens_per_second: float) -> None:
+    def update(self, done: int, status: str) -> None:
+        """`done` of the total are finished; `status` says how they went (losses, the last entry)."""
         filled = self.width * done // self.total
         elapsed = time.perf_counter() - self.start
         eta = elapsed / done * (self.total - done)
-        loss_text = "  ".join(f"{name} {loss:.3f}" for name, loss in losses.items())
         line = (
-            f"[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total}  loss: {loss_text}  "
-            f"{tokens_per_second / 1e3:.1f}k tok/s  {elapsed:.0f}s elapsed, ~{eta:.0f}s left"
+            f"[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total}  {status}  "
+            f"{elapsed:.0f}s elapsed, ~{eta:.0f}s left"
         )
         if self.interactive:
             sys.stderr.write("\r" + line)

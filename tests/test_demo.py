@@ -88,3 +88,17 @@ def test_depth_weight_matrix_is_uniform_at_init_and_nan_where_no_source(fresh_pa
         assert int(present.sum()) == site.num_sources
         torch.testing.assert_close(row[present], torch.full((site.num_sources,), 1 / site.num_sources))
     assert not matrix[0, -1].isnan() and matrix[1, -1].isnan()  # site 1 has a partial sum, site 2 not
+
+
+def test_demo_over_seeds_reports_the_mean_and_spread_of_the_loss_gap(tmp_path):
+    argv = ["demo", "--width", "16", "--layers", "2", "--heads", "2", "--num-blocks", "2", "--seq-len", "16"]
+    main([*argv, "--batch-size", "2", "--steps", "4", "--eval-every", "4", "--seeds", "2", "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "seeds.json").read_text())
+    gaps = []
+    for seed in (0, 1):  # each seed's own run, in its own folder
+        final = json.loads((tmp_path / f"seed-{seed}" / "results.json").read_text())["variants"]
+        gaps.append(final["attnres"]["final_val_loss"] - final["baseline"]["final_val_loss"])
+    assert summary["seeds"] == [0, 1] and gaps[0] != gaps[1]
+    assert summary["gap_mean"] == pytest.approx((gaps[0] + gaps[1]) / 2)
+    assert summary["gap_std"] == pytest.approx(abs(gaps[0] - gaps[1]) / math.sqrt(2))
+    assert summary["attnres_ahead"] == sum(g < 0 for g in gaps)

@@ -21,7 +21,7 @@ from .corpus import load_corpus, sample_batch
 from .measure import attnres_sublayer_rms, baseline_sublayer_rms, depth_weight_matrix
 from .train import DemoConfig, Variant, build_variants, train
 
-__all__ = ["DemoConfig", "run_demo"]
+__all__ = ["DemoConfig", "run_demo", "run_seeds"]
 
 WARMUP_STEPS = 5  # left out of the timings: compilation and allocator warm-up
 
@@ -69,6 +69,38 @@ def run_demo(config: DemoConfig, out_dir: Path) -> dict:
     print(_findings(results))
     print(f"\nwrote {', '.join(figures)} and results.json to {out_dir}/")
     return results
+
+
+def run_seeds(config: DemoConfig, out_dir: Path, seeds: int) -> dict:
+    """The demo at `seeds` consecutive seeds from `config.seed` (weights and batches both change), each in its own
+    folder, then the final validation-loss gap (attnres - baseline) per seed, its mean and its spread."""
+    runs = {
+        seed: run_demo(dataclasses.replace(config, seed=seed), out_dir / f"seed-{seed}")
+        for seed in range(config.seed, config.seed + seeds)
+    }
+    final = {seed: {v: r["variants"][v]["final_val_loss"] for v in ("baseline", "attnres")} for seed, r in runs.items()}
+    gaps = [f["attnres"] - f["baseline"] for f in final.values()]
+    spread = statistics.stdev(gaps) if len(gaps) > 1 else float("nan")
+    result = {
+        "config": dataclasses.asdict(config),
+        "seeds": list(runs),
+        "final_val_loss": final,
+        "gap_mean": statistics.fmean(gaps),
+        "gap_std": spread,
+        "gap_standard_error": spread / len(gaps) ** 0.5,
+        "attnres_ahead": sum(g < 0 for g in gaps),
+    }
+    (out_dir / "seeds.json").write_text(json.dumps(result, indent=1))
+    rows = [
+        (seed, f"{f['baseline']:.4f}", f"{f['attnres']:.4f}", f"{g:+.4f}") for (seed, f), g in zip(final.items(), gaps)
+    ]
+    print("\n" + tabulate(rows, headers=["seed", "baseline", "attnres", "gap (attnres - baseline)"]))
+    print(
+        f"\nFinal validation-loss gap over {len(gaps)} seeds: {result['gap_mean']:+.4f} nats/byte "
+        f"(std {spread:.4f}, standard error {result['gap_standard_error']:.4f}); "
+        f"AttnRes ahead in {result['attnres_ahead']} of {len(gaps)}. Wrote {out_dir}/seeds.json."
+    )
+    return result
 
 
 def _summary(v: Variant, baseline: Variant, config: DemoConfig) -> dict:

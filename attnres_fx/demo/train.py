@@ -19,7 +19,7 @@ import attnres_fx
 
 from .corpus import VOCAB_SIZE, Corpus, sample_batch
 from .model import Transformer
-from .progress import Progress
+from ..progress import Progress
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,8 @@ def train(config: DemoConfig, corpus: Corpus, variants: list[Variant]) -> list[t
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             for v in variants:
                 v.evaluate(step + 1, val_batches)
-        progress.update(step + 1, {v.name: v.train_loss[-1] for v in variants}, _tokens_per_second(config, variants))
+        losses = "  ".join(f"{v.name} {v.train_loss[-1]:.3f}" for v in variants)
+        progress.update(step + 1, f"loss: {losses}  {_tokens_per_second(config, variants) / 1e3:.1f}k tok/s")
     progress.close()
     return val_batches
 

@@ -1,0 +1,186 @@
+"""One entry of the suite (a model, as original or transformed, on one backend), measured in this process.
+
+Run by the suite in a fresh process per entry (`python -m attnres_fx.bench.worker '<entry json>'`), so that the
+compile is cold, a crash or hang costs one row, and peak memory is this entry's alone. Prints one result line.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import json
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .models import MODELS, SIZES, main_output
+
+RESULT_PREFIX = "attnres-bench-result "
+# Compiled vs eager, for the output and every gradient: max |difference| over max |eager| (the dynamo harness's
+# fp32 tolerance; bf16 rounds at 2^-8 and the two runs round in different places).
+TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What one worker measures."""
+
+    model: str
+    variant: str  # "original" or "attnres"
+    backend: str
+    mode: str  # "training" or "inference"
+    device: str
+    dtype: str
+    size: str
+    iterations: int
+    threads: int
+
+
+def compiler(backend: str) -> Callable[[nn.Module], nn.Module]:
+    """`torch.compile` for a backend name of the suite, or a backend function given as `package.module:function`."""
+    if ":" in backend:
+        module, _, name = backend.partition(":")
+        return lambda m: torch.compile(m, backend=getattr(importlib.import_module(module), name))
+    if backend == "inductor-max-autotune":
+        return lambda m: torch.compile(m, backend="inductor", mode="max-autotune")
+    return lambda m: torch.compile(m, backend=backend)
+
+
+def load(entry: Entry) -> tuple[nn.Module, tuple[Tensor, ...]]:
+    """The entry's model (transformed, with non-zero pseudo-queries, for "attnres") and inputs, seeded."""
+    import attnres_fx
+
+    spec, size, dtype = MODELS[entry.model], SIZES[entry.size], getattr(torch, entry.dtype)
+    torch.manual_seed(0)
+    model = spec.build(size).to(entry.device, dtype)
+    inputs = tuple(
+        x.to(entry.device, dtype if x.is_floating_point() else x.dtype)
+        for x in spec.inputs(size, torch.Generator().manual_seed(1))
+    )
+    if entry.variant == "attnres":
+        model = attnres_fx.transform(model, inputs)
+        with torch.no_grad():  # zero-init queries give uniform depth weights; these make the check mean more
+            for name, p in model.named_parameters():
+                if name.endswith("query"):
+                    p.normal_(std=0.3)
+    return model.train(entry.mode == "training"), inputs
+
+
+def step(call: Callable, model: nn.Module, inputs: tuple[Tensor, ...], training: bool) -> list[Tensor]:
+    """One forward (and backward when training); returns the main output and the parameters' gradients."""
+    if not training:
+        with torch.no_grad():
+            return [main_output(call(*inputs))]
+    model.zero_grad(set_to_none=True)
+    out = main_output(call(*inputs))
+    (out.float().sum() / out.numel()).backward()  # the harness's reduce_to_scalar_loss
+    return [out.detach(), *(p.grad for p in model.parameters() if p.grad is not None)]
+
+
+def mismatch(result: list[Tensor], reference: list[Tensor]) -> float:
+    """The largest difference relative to the reference's largest magnitude, over the output and the gradients."""
+    if len(result) != len(reference):
+        return float("inf")
+    errors = [
+        ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+        for a, b in zip(result, reference)
+    ]
+    return max((e if e == e else float("inf")) for e in errors)  # NaN counts as a mismatch
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn: Callable[[], object], device: str, iterations: int) -> float:
+    times = []
+    for _ in range(iterations):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_memory_gb(fn: Callable[[], object], device: str) -> float | None:
+    """Memory one call adds at its peak: the CUDA allocator's peak; on Linux CPUs the resident set's high-water mark,
+    after handing freed memory back to the OS and with large allocations mapped fresh (glibc's default threshold,
+    fixed: otherwise it grows and freed buffers are reused unseen). Changes the allocator: measure after timing."""
+    if device == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        return (torch.cuda.max_memory_allocated() - base) / 2**30
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+        libc.malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+        base = _status_kib("VmRSS")
+        fn()
+        return (_status_kib("VmHWM") - base) / 2**20
+    except OSError:  # not glibc on Linux
+        return None
+
+
+def _status_kib(field: str) -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def measure(entry: Entry) -> dict:
+    """The entry's row: accuracy, latencies, memory and Dynamo's counters, or the stage that failed and why."""
+    from torch._dynamo.utils import counters
+
+    row: dict = {**asdict(entry), "accuracy": None, "error": ""}
+    training = entry.mode == "training"
+    stage = "model_fail_to_load"
+    try:
+        model, inputs = load(entry)
+        stage = "eager_fail_to_run"
+        reference = [t.clone() for t in step(model, model, inputs, training)]
+        eager = lambda: step(model, model, inputs, training)  # noqa: E731
+        row["eager_latency"] = median_seconds(eager, entry.device, entry.iterations)
+        stage = "fail_to_run"
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = compiler(entry.backend)(model)
+        start = time.perf_counter()
+        result = step(compiled, model, inputs, training)
+        sync(entry.device)
+        row["compilation_latency"] = time.perf_counter() - start
+        row["mismatch"] = mismatch(result, reference)
+        row["latency"] = median_seconds(lambda: step(compiled, model, inputs, training), entry.device, entry.iterations)
+        row["eager_peak_mem"] = peak_memory_gb(eager, entry.device)
+        row["dynamo_peak_mem"] = peak_memory_gb(lambda: step(compiled, model, inputs, training), entry.device)
+        row["calls_captured"] = counters["stats"]["calls_captured"]
+        row["unique_graphs"] = counters["stats"]["unique_graphs"]
+        row["graph_breaks"] = sum(counters["graph_break"].values())
+        row["accuracy"] = "pass" if row["mismatch"] <= TOLERANCE[entry.dtype] else "fail_accuracy"
+    except Exception as exc:  # a failing model or backend is a row of the report, not the end of the run
+        row["accuracy"] = stage
+        row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        traceback.print_exc()
+    return row
+
+
+def main() -> None:
+    entry = Entry(**json.loads(sys.argv[1]))
+    if entry.device == "cpu":
+        torch.set_num_threads(entry.threads)  # before compiling: Inductor bakes the count into its kernels
+    print(RESULT_PREFIX + json.dumps(measure(entry)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
