@@ -31,6 +31,15 @@ def _tile(d: int) -> tuple[int, int, int]:
 
 
 @triton.jit
+def _row_tile(tile, M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Row indices of a tile of BLOCK_M tokens, column indices of d padded to BLOCK_D, and their masks."""
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    row_mask = rows < M
+    return rows, cols, row_mask, row_mask[:, None] & (cols < D)[None, :]
+
+
+@triton.jit
 def _fold_block(b_ptr, r_ptr, rows, cols, row_mask, mask, D, w, m, l, acc):
     """Online softmax: add one completed block's scores and values to the running (max, sum, weighted sum)."""
     v = tl.load(b_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -51,12 +60,9 @@ def _phase_one_kernel(
     NUM: tl.constexpr, HAS_INIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Program (j, row tile): sublayer j's statistics over NUM completed blocks, continuing from the stored ones."""
-    j, tile = tl.program_id(0), tl.program_id(1)
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
-    row_mask, col_mask = rows < M, cols < D
-    mask = row_mask[:, None] & col_mask[None, :]
-    w = tl.load(w_ptr + j * D + cols, mask=col_mask, other=0.0)
+    j = tl.program_id(0)
+    rows, cols, row_mask, mask = _row_tile(tl.program_id(1), M, D, BLOCK_M, BLOCK_D)
+    w = tl.load(w_ptr + j * D + cols, mask=cols < D, other=0.0)
     stat = rows * J + j
     out = stat[:, None] * D + cols[None, :]
     if HAS_INIT:
@@ -121,10 +127,7 @@ def _phase_one_backward_kernel(
     c_ptr, M, D, J, NUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Program (row tile): the gradients of NUM completed blocks; the tile's upstream gradients stay in cache."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
-    row_mask = rows < M
-    mask = row_mask[:, None] & (cols < D)[None, :]
+    rows, cols, row_mask, mask = _row_tile(tl.program_id(0), M, D, BLOCK_M, BLOCK_D)
     step = M * J  # coefficients are [blocks, M, J]
     _block_grads(b0, r0, gb0, gr0, c_ptr, w_ptr, m_ptr, gl_ptr, go_ptr, rows, cols, row_mask, mask, D, J)
     if NUM > 1:
@@ -176,10 +179,7 @@ def _merge_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """Program (row tile): h = (a o + b p) / (a l + b), the partial sum as one more source of the softmax."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
-    row_mask = rows < M
-    mask = row_mask[:, None] & (cols < D)[None, :]
+    rows, cols, row_mask, mask = _row_tile(tl.program_id(0), M, D, BLOCK_M, BLOCK_D)
     p, r, dot, w, a, b, z = _merge_terms(m_ptr, l_ptr, p_ptr, w_ptr, rows, cols, row_mask, mask, D, stride_s, eps)
     o = tl.load(o_ptr + rows[:, None] * stride_o + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     h = (a[:, None] * o + b[:, None] * p) / z[:, None]
@@ -206,10 +206,7 @@ def _merge_backward_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """Program (row tile): the merge's gradients, from the saved output rather than phase 1's weighted sum."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
-    row_mask = rows < M
-    mask = row_mask[:, None] & (cols < D)[None, :]
+    rows, cols, row_mask, mask = _row_tile(tl.program_id(0), M, D, BLOCK_M, BLOCK_D)
     tile = rows[:, None] * D + cols[None, :]
     p, r, dot, w, a, b, z = _merge_terms(m_ptr, l_ptr, p_ptr, w_ptr, rows, cols, row_mask, mask, D, stride_s, eps)
     g = tl.load(g_ptr + tile, mask=mask, other=0.0).to(tl.float32)

@@ -87,14 +87,15 @@ def recording() -> Iterator[list[SiteRecord]]:
 # its output (one pass over the partial sum instead of a write and a read of the mix, which an
 # opaque kernel would cost). Everywhere else the torch code below computes.
 
-BlockStats = tuple[Tensor, Tensor, Tensor]  # running max [..., J], sum of exp [..., J], weighted sum [..., J, d]
+# running max [..., J] and sum of exp [..., J] in fp32; weighted sum [..., J, d] in the blocks' dtype
+BlockStats = tuple[Tensor, Tensor, Tensor]
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def block_scores(
     blocks: list[Tensor], inv_rms: list[Tensor], queries: list[Tensor], key_weights: list[Tensor]
 ) -> BlockStats:
-    """Phase 1: score the J sublayers of a block against all completed blocks at once (fp32)."""
+    """Phase 1: score the J sublayers of a block against all completed blocks at once (statistics in fp32)."""
     weight = torch.stack([q.float() * g.float() for q, g in zip(queries, key_weights)])  # [J, d]
     if not torch.is_grad_enabled():  # nothing to keep; and Dynamo (2.14) mis-binds the inputs of a
         return _phase_one(weight, blocks, inv_rms)  # Function with *args when grad mode is off
