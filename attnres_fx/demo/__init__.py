@@ -94,7 +94,10 @@ def run_seeds(config: DemoConfig, out_dir: Path, seeds: int) -> dict:
     rows = [
         (seed, f"{f['baseline']:.4f}", f"{f['attnres']:.4f}", f"{g:+.4f}") for (seed, f), g in zip(final.items(), gaps)
     ]
-    print("\n" + tabulate(rows, headers=["seed", "baseline", "attnres", "gap (attnres - baseline)"]))
+    print(
+        "\n"
+        + tabulate(rows, headers=["seed", "baseline", "attnres", "gap (attnres - baseline)"], disable_numparse=True)
+    )
     print(
         f"\nFinal validation-loss gap over {len(gaps)} seeds: {result['gap_mean']:+.4f} nats/byte "
         f"(std {spread:.4f}, standard error {result['gap_standard_error']:.4f}); "
