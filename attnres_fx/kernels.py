@@ -264,17 +264,19 @@ def phase_one_backward(
     m_rows = rows[0].shape[0]
     grad_blocks = [torch.empty_like(b) for b in rows]
     grad_rms = [torch.empty_like(r) for r in rms]
-    coef = torch.empty(len(rows), m_rows, j, device=weight.device, dtype=torch.float32)
     m, grad_l, grad_o = m.reshape(m_rows, j).contiguous(), grad_l.reshape(m_rows, j).contiguous(), _rows(grad_o)
     block_m, block_d, warps = _tile(d)
+    coefs = []  # one buffer per launch, not views of one: kernels write whole buffers (simpler for Inductor)
     for start, chunk in enumerate(zip(*(_chunks(t) for t in (rows, rms, grad_blocks, grad_rms)))):
-        first = start * MAX_BLOCKS
+        num = min(MAX_BLOCKS, len(rows) - start * MAX_BLOCKS)
+        coefs.append(torch.empty(num, m_rows, j, device=weight.device, dtype=torch.float32))
         wrap_triton(_phase_one_backward_kernel)[(triton.cdiv(m_rows, block_m),)](
-            weight, m, grad_l, grad_o, *(t for part in chunk for t in part), coef[first:],
-            m_rows, d, j, NUM=min(MAX_BLOCKS, len(rows) - first), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
+            weight, m, grad_l, grad_o, *(t for part in chunk for t in part), coefs[-1],
+            m_rows, d, j, NUM=num, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
         )  # fmt: skip
     lead = blocks[0].shape
-    return [g.reshape(lead) for g in grad_blocks], [g.reshape(r.shape) for g, r in zip(grad_rms, inv_rms)], coef
+    grad_rms = [g.reshape(r.shape) for g, r in zip(grad_rms, inv_rms)]
+    return [g.reshape(lead) for g in grad_blocks], grad_rms, torch.cat(coefs) if len(coefs) > 1 else coefs[0]
 
 
 @triton_op("attnres_fx::merge", mutates_args=())

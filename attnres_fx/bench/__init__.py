@@ -35,7 +35,8 @@ def run_entry(entry: Entry, timeout: float) -> dict:
     """One worker process; its result, or a row saying how it ended (timeout, crash)."""
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
-        cmd = [sys.executable, "-m", "attnres_fx.bench.worker", json.dumps(dataclasses.asdict(entry))]
+        worker = "from attnres_fx.bench.worker import main; main()"  # not -m: the package has imported the module
+        cmd = [sys.executable, "-c", worker, json.dumps(dataclasses.asdict(entry))]
         try:
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -79,13 +79,20 @@ def add_overhead(rows: list[dict]) -> None:
             r["attnres_overhead"] = r["abs_latency"] / base["abs_latency"]
 
 
-def gmean(values: list[float]) -> float | None:
-    return math.exp(statistics.fmean(math.log(v) for v in values)) if values else None
+def gmean(values: list[float | None]) -> float | None:
+    """Geometric mean of the values present (a ratio is absent where it could not be measured)."""
+    present = [v for v in values if v]
+    return math.exp(statistics.fmean(math.log(v) for v in present)) if present else None
+
+
+def mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
 
 
 def summary(rows: list[dict]) -> list[dict]:
     """Per backend and variant, as the dashboard: pass rate, and over passing entries only the geometric means of
-    speedup and compression ratio and the mean compilation latency; per backend the geometric-mean AttnRes overhead."""
+    speedup and compression ratio, the mean compilation latency and the geometric-mean AttnRes overhead."""
     out = []
     for backend in dict.fromkeys(r["backend"] for r in rows):
         for variant in ("original", "attnres"):
@@ -97,15 +104,9 @@ def summary(rows: list[dict]) -> list[dict]:
                     "variant": variant,
                     "pass_rate": f"{len(passed)}/{len(group)}",
                     "speedup_gmean": gmean([r["speedup"] for r in passed]),
-                    "compilation_latency_mean": statistics.fmean([r["compilation_latency"] for r in passed])
-                    if passed
-                    else None,
-                    "compression_ratio_gmean": gmean(
-                        [r["compression_ratio"] for r in passed if r["compression_ratio"]]
-                    ),
-                    "attnres_overhead_gmean": gmean([r["attnres_overhead"] for r in passed if r["attnres_overhead"]])
-                    if variant == "attnres"
-                    else None,
+                    "compilation_latency_mean": mean([r["compilation_latency"] for r in passed]),
+                    "compression_ratio_gmean": gmean([r["compression_ratio"] for r in passed]),
+                    "attnres_overhead_gmean": gmean([r["attnres_overhead"] for r in passed]),
                 }
             )
     return out

@@ -1,6 +1,6 @@
 """One entry of the suite (a model, as original or transformed, on one backend), measured in this process.
 
-Run by the suite in a fresh process per entry (`python -m attnres_fx.bench.worker '<entry json>'`), so that the
+Run by the suite in a fresh process per entry (`main()`, the entry as JSON in argv[1]), so that the
 compile is cold, a crash or hang costs one row, and peak memory is this entry's alone. Prints one result line.
 """
 
@@ -141,33 +141,19 @@ def _status_kib(field: str) -> int:
 
 def measure(entry: Entry) -> dict:
     """The entry's row: accuracy, latencies, memory and Dynamo's counters, or the stage that failed and why."""
-    from torch._dynamo.utils import counters
-
     row: dict = {**asdict(entry), "accuracy": None, "error": ""}
-    training = entry.mode == "training"
     stage = "model_fail_to_load"
     try:
         model, inputs = load(entry)
+
+        def run(call: Callable) -> list[Tensor]:
+            return step(call, model, inputs, entry.mode == "training")
+
         stage = "eager_fail_to_run"
-        reference = [t.clone() for t in step(model, model, inputs, training)]
-        eager = lambda: step(model, model, inputs, training)  # noqa: E731
-        row["eager_latency"] = median_seconds(eager, entry.device, entry.iterations)
+        reference = [t.clone() for t in run(model)]
+        row["eager_latency"] = median_seconds(lambda: run(model), entry.device, entry.iterations)
         stage = "fail_to_run"
-        torch._dynamo.reset()
-        counters.clear()
-        compiled = compiler(entry.backend)(model)
-        start = time.perf_counter()
-        result = step(compiled, model, inputs, training)
-        sync(entry.device)
-        row["compilation_latency"] = time.perf_counter() - start
-        row["mismatch"] = mismatch(result, reference)
-        row["latency"] = median_seconds(lambda: step(compiled, model, inputs, training), entry.device, entry.iterations)
-        row["eager_peak_mem"] = peak_memory_gb(eager, entry.device)
-        row["dynamo_peak_mem"] = peak_memory_gb(lambda: step(compiled, model, inputs, training), entry.device)
-        row["calls_captured"] = counters["stats"]["calls_captured"]
-        row["unique_graphs"] = counters["stats"]["unique_graphs"]
-        row["graph_breaks"] = sum(counters["graph_break"].values())
-        row["accuracy"] = "pass" if row["mismatch"] <= TOLERANCE[entry.dtype] else "fail_accuracy"
+        row.update(measure_compiled(entry, model, run, reference))
     except Exception as exc:  # a failing model or backend is a row of the report, not the end of the run
         row["accuracy"] = stage
         row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
@@ -175,12 +161,34 @@ def measure(entry: Entry) -> dict:
     return row
 
 
+def measure_compiled(entry: Entry, model: nn.Module, run: Callable, reference: list[Tensor]) -> dict:
+    """Compile (cold, timed with the first step), check against eager, time; then both peaks (they change the
+    allocator, so they come last) and Dynamo's counters."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = compiler(entry.backend)(model)
+    start = time.perf_counter()
+    result = run(compiled)
+    sync(entry.device)
+    compilation_latency = time.perf_counter() - start
+    error = mismatch(result, reference)
+    return {
+        "accuracy": "pass" if error <= TOLERANCE[entry.dtype] else "fail_accuracy",
+        "mismatch": error,
+        "compilation_latency": compilation_latency,
+        "latency": median_seconds(lambda: run(compiled), entry.device, entry.iterations),
+        "eager_peak_mem": peak_memory_gb(lambda: run(model), entry.device),
+        "dynamo_peak_mem": peak_memory_gb(lambda: run(compiled), entry.device),
+        "calls_captured": counters["stats"]["calls_captured"],
+        "unique_graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(counters["graph_break"].values()),
+    }
+
+
 def main() -> None:
     entry = Entry(**json.loads(sys.argv[1]))
     if entry.device == "cpu":
         torch.set_num_threads(entry.threads)  # before compiling: Inductor bakes the count into its kernels
     print(RESULT_PREFIX + json.dumps(measure(entry)), flush=True)
-
-
-if __name__ == "__main__":
-    main()
