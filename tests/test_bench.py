@@ -11,8 +11,9 @@ import os
 import statistics
 
 import pytest
+import torch
 
-from attnres_fx.bench import report
+from attnres_fx.bench import accuracy, report
 from attnres_fx.cli import main
 
 TESTS = os.path.dirname(__file__)
@@ -86,3 +87,23 @@ def test_an_entry_past_its_timeout_is_a_row_and_the_run_goes_on(tmp_path) -> Non
     assert status == 1
     assert [r["accuracy"] for r in rows] == ["timeout", "timeout"]
     assert all(r["error"] == "no result within 0.5 s" for r in rows)
+
+
+def test_accuracy_rule_is_the_harness_rule() -> None:
+    """Within tolerance of eager: pass without an fp64 run. Beyond it: pass when no further from fp64 than twice
+    eager's error (plus tol/10), fail otherwise, and fail on NaN."""
+    g = torch.Generator().manual_seed(0)
+    exact = torch.randn(4000, generator=g, dtype=torch.float64)
+
+    def near(scale: float) -> torch.Tensor:
+        return (exact + scale * torch.randn(4000, generator=g, dtype=torch.float64)).float()
+
+    def no_fp64() -> list[torch.Tensor]:
+        raise AssertionError("the fp64 run was not needed")
+
+    eager = near(1e-3)  # an ill-conditioned model: eager fp32 itself 1e-3 from fp64
+    assert accuracy.accurate([eager + 1e-6], [eager], no_fp64, "float32")
+    assert accuracy.relative_error(near(1e-3), eager) > accuracy.TOLERANCE["float32"]
+    assert accuracy.accurate([near(1e-3)], [eager], lambda: [exact], "float32")
+    assert not accuracy.accurate([near(3e-3)], [eager], lambda: [exact], "float32")
+    assert not accuracy.accurate([torch.full_like(eager, float("nan"))], [eager], lambda: [exact], "float32")

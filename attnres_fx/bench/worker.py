@@ -20,12 +20,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .accuracy import accurate, mismatch
 from .models import MODELS, SIZES, main_output
 
 RESULT_PREFIX = "attnres-bench-result "
-# Compiled vs eager, for the output and every gradient: max |difference| over max |eager| (the dynamo harness's
-# fp32 tolerance; bf16 rounds at 2^-8 and the two runs round in different places).
-TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
@@ -54,24 +52,24 @@ def compiler(backend: str) -> Callable[[nn.Module], nn.Module]:
     return lambda m: torch.compile(m, backend=backend)
 
 
-def load(entry: Entry) -> tuple[nn.Module, tuple[Tensor, ...]]:
-    """The entry's model (transformed, with non-zero pseudo-queries, for "attnres") and inputs, seeded."""
+def load(entry: Entry, dtype: torch.dtype | None = None) -> tuple[nn.Module, tuple[Tensor, ...]]:
+    """The entry's model and inputs, seeded, in `dtype` (default the entry's). Transformed for "attnres" (in fp32,
+    then cast), with pseudo-queries drawn at std d^-1/2: logits of unit scale, depth weights clearly non-uniform."""
     import attnres_fx
 
-    spec, size, dtype = MODELS[entry.model], SIZES[entry.size], getattr(torch, entry.dtype)
+    spec, size = MODELS[entry.model], SIZES[entry.size]
+    dtype = dtype or getattr(torch, entry.dtype)
     torch.manual_seed(0)
-    model = spec.build(size).to(entry.device, dtype)
-    inputs = tuple(
-        x.to(entry.device, dtype if x.is_floating_point() else x.dtype)
-        for x in spec.inputs(size, torch.Generator().manual_seed(1))
-    )
+    model = spec.build(size).to(entry.device)
+    inputs = tuple(x.to(entry.device) for x in spec.inputs(size, torch.Generator().manual_seed(1)))
     if entry.variant == "attnres":
         model = attnres_fx.transform(model, inputs)
-        with torch.no_grad():  # zero-init queries give uniform depth weights; these make the check mean more
+        with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith("query"):
-                    p.normal_(std=0.3)
-    return model.train(entry.mode == "training"), inputs
+                    p.normal_(std=p.shape[-1] ** -0.5)
+    inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
+    return model.to(dtype).train(entry.mode == "training"), inputs
 
 
 def step(call: Callable, model: nn.Module, inputs: tuple[Tensor, ...], training: bool) -> list[Tensor]:
@@ -83,17 +81,6 @@ def step(call: Callable, model: nn.Module, inputs: tuple[Tensor, ...], training:
     out = main_output(call(*inputs))
     (out.float().sum() / out.numel()).backward()  # the harness's reduce_to_scalar_loss
     return [out.detach(), *(p.grad for p in model.parameters() if p.grad is not None)]
-
-
-def mismatch(result: list[Tensor], reference: list[Tensor]) -> float:
-    """The largest difference relative to the reference's largest magnitude, over the output and the gradients."""
-    if len(result) != len(reference):
-        return float("inf")
-    errors = [
-        ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
-        for a, b in zip(result, reference)
-    ]
-    return max((e if e == e else float("inf")) for e in errors)  # NaN counts as a mismatch
 
 
 def sync(device: str) -> None:
@@ -173,10 +160,11 @@ def measure_compiled(entry: Entry, model: nn.Module, run: Callable, reference: l
     result = run(compiled)
     sync(entry.device)
     compilation_latency = time.perf_counter() - start
-    error = mismatch(result, reference)
     return {
-        "accuracy": "pass" if error <= TOLERANCE[entry.dtype] else "fail_accuracy",
-        "mismatch": error,
+        "accuracy": "pass"
+        if accurate(result, reference, lambda: fp64_reference(entry), entry.dtype)
+        else "fail_accuracy",
+        "mismatch": mismatch(result, reference),
         "compilation_latency": compilation_latency,
         "latency": median_seconds(lambda: run(compiled), entry.device, entry.iterations),
         "eager_peak_mem": peak_memory_gb(lambda: run(model), entry.device),
@@ -185,6 +173,13 @@ def measure_compiled(entry: Entry, model: nn.Module, run: Callable, reference: l
         "unique_graphs": counters["stats"]["unique_graphs"],
         "graph_breaks": sum(counters["graph_break"].values()),
     }
+
+
+def fp64_reference(entry: Entry) -> list[Tensor]:
+    """The eager step in float64 from the same values (the entry's dtype, upcast), for the accuracy rule."""
+    model, inputs = load(entry)
+    model, inputs = model.double(), tuple(x.double() if x.is_floating_point() else x for x in inputs)
+    return step(model, model, inputs, entry.mode == "training")
 
 
 def main() -> None:
