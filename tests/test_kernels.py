@@ -23,14 +23,26 @@ CASES = {
 }
 
 
+PHASE_ONE, MERGE = {"phase_one", "phase_one_backward"}, {"merge", "merge_backward"}
+
+
+class Routing:
+    """Routes the ops to the kernels or to the torch code, whatever the device, and records which kernels ran."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.monkeypatch, self.launched = monkeypatch, set()
+        for name in PHASE_ONE | MERGE:
+            op = getattr(kernels, name)
+            monkeypatch.setattr(kernels, name, lambda *a, op=op, name=name: self.launched.add(name) or op(*a))
+
+    def __call__(self, use: bool) -> None:
+        self.launched.clear()
+        self.monkeypatch.setattr(ops, "_on_kernels", lambda x: use)
+
+
 @pytest.fixture
-def on_kernels(monkeypatch):
-    """Route the ops to the kernels (True) or to the torch code (False), whatever the device."""
-
-    def route(use: bool) -> None:
-        monkeypatch.setattr(ops, "_on_kernels", lambda x: use)
-
-    return route
+def on_kernels(monkeypatch) -> Routing:
+    return Routing(monkeypatch)
 
 
 def block_inputs(lead, d, completed, sublayers, dtype, values_in):
@@ -66,8 +78,12 @@ def err(a, b) -> float:
 
 
 def run(route, use_kernels, case, dtype, values_in=None):
+    """The block on the kernels or on the torch code; checks that exactly the kernels it needs ran (or none)."""
     route(use_kernels)
-    return two_phase_block(*block_inputs(*case, dtype, values_in or dtype))
+    result = two_phase_block(*block_inputs(*case, dtype, values_in or dtype))
+    sublayers = case[-1]
+    assert route.launched == ((PHASE_ONE | (MERGE if sublayers > 1 else set())) if use_kernels else set())
+    return result
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
@@ -95,23 +111,16 @@ def test_kernels_in_bf16_match_an_fp32_reference(on_kernels, case) -> None:
         assert err(grad, ref) < 4e-2
 
 
-PHASE_ONE, MERGE = {"phase_one", "phase_one_backward"}, {"merge", "merge_backward"}
-
-
 @pytest.mark.parametrize(("block_size", "expected"), [(3, PHASE_ONE | MERGE), (1, PHASE_ONE)], ids=["3", "full"])
-def test_kernels_run_inside_a_transformed_model(on_kernels, monkeypatch, block_size, expected) -> None:
+def test_kernels_run_inside_a_transformed_model(on_kernels, block_size, expected) -> None:
     """A transformed model's outputs and every gradient are the same on the kernels as on the torch ops (Full
     AttnRes: 8 sublayers, each its own block, so the last sites read more blocks than one launch takes, and no
     partial sum is ever merged)."""
-    model = attnres_fx.transform(zoo.llama(layers=4), block_size=block_size)
+    model = attnres_fx.transform(zoo.llama(layers=4).to(DEVICE), block_size=block_size)
     with torch.no_grad():
         for p in model.attnres.parameters():
             p.normal_(std=0.3)
-    ids = zoo.token_ids()
-    launched = []
-    for name in ("phase_one", "phase_one_backward", "merge", "merge_backward"):
-        op = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, op=op, name=name: launched.append(name) or op(*a))
+    ids = zoo.token_ids().to(DEVICE)
     results = []
     for use in (True, False):
         on_kernels(use)
@@ -119,7 +128,8 @@ def test_kernels_run_inside_a_transformed_model(on_kernels, monkeypatch, block_s
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         results.append((out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    assert set(launched) == expected
+        if use:
+            assert on_kernels.launched == expected
     (logits, grads), (ref_logits, ref_grads) = results
     assert zoo.rel_err(logits, ref_logits) < 1e-5
     for name, ref in ref_grads.items():

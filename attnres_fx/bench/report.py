@@ -112,47 +112,42 @@ def summary(rows: list[dict]) -> list[dict]:
     return out
 
 
+# (column of the summary / of a row, its heading in the printed tables)
+_SUMMARY_COLUMNS = {
+    "backend": "backend",
+    "variant": "variant",
+    "pass_rate": "pass rate",
+    "speedup_gmean": "speedup (gmean)",
+    "compilation_latency_mean": "compile s (mean)",
+    "compression_ratio_gmean": "compression (gmean)",
+    "attnres_overhead_gmean": "AttnRes / original (gmean)",
+}
+_MODEL_COLUMNS = {
+    "name": "model",
+    "variant": "variant",
+    "backend": "backend",
+    "accuracy": "accuracy",
+    "speedup": "speedup",
+    "abs_latency": "ms",
+    "compilation_latency": "compile s",
+    "compression_ratio": "compression",
+    "unique_graphs": "graphs",
+    "graph_breaks": "breaks",
+    "attnres_overhead": "AttnRes / original",
+}
+
+
 def summary_table(rows: list[dict]) -> str:
-    headers = [
-        "backend",
-        "variant",
-        "pass rate",
-        "speedup (gmean)",
-        "compile s (mean)",
-        "compression (gmean)",
-        "AttnRes / original (gmean)",
-    ]
-    return tabulate([[_fmt(v) for v in s.values()] for s in summary(rows)], headers=headers, disable_numparse=True)
+    return _table(summary(rows), _SUMMARY_COLUMNS)
 
 
 def models_table(rows: list[dict]) -> str:
-    headers = [
-        "model",
-        "variant",
-        "backend",
-        "accuracy",
-        "speedup",
-        "ms",
-        "compile s",
-        "compression",
-        "graphs",
-        "breaks",
-        "AttnRes / original",
-    ]
-    keys = [
-        "name",
-        "variant",
-        "backend",
-        "accuracy",
-        "speedup",
-        "abs_latency",
-        "compilation_latency",
-        "compression_ratio",
-        "unique_graphs",
-        "graph_breaks",
-        "attnres_overhead",
-    ]
-    return tabulate([[_fmt(r[k]) for k in keys] for r in rows], headers=headers, disable_numparse=True)
+    return _table(rows, _MODEL_COLUMNS)
+
+
+def _table(rows: list[dict], columns: dict[str, str]) -> str:
+    cells = [[_fmt(r[key]) for key in columns] for r in rows]
+    return tabulate(cells, headers=list(columns.values()), disable_numparse=True)
 
 
 def _fmt(value: object) -> str:

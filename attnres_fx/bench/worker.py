@@ -52,13 +52,12 @@ def compiler(backend: str) -> Callable[[nn.Module], nn.Module]:
     return lambda m: torch.compile(m, backend=backend)
 
 
-def load(entry: Entry, dtype: torch.dtype | None = None) -> tuple[nn.Module, tuple[Tensor, ...]]:
-    """The entry's model and inputs, seeded, in `dtype` (default the entry's). Transformed for "attnres" (in fp32,
-    then cast), with pseudo-queries drawn at std d^-1/2: logits of unit scale, depth weights clearly non-uniform."""
+def load(entry: Entry) -> tuple[nn.Module, tuple[Tensor, ...]]:
+    """The entry's model and inputs, seeded, in its dtype. Transformed for "attnres" (in fp32, then cast), with
+    pseudo-queries drawn at std d^-1/2: logits of unit scale, depth weights clearly non-uniform."""
     import attnres_fx
 
-    spec, size = MODELS[entry.model], SIZES[entry.size]
-    dtype = dtype or getattr(torch, entry.dtype)
+    spec, size, dtype = MODELS[entry.model], SIZES[entry.size], getattr(torch, entry.dtype)
     torch.manual_seed(0)
     model = spec.build(size).to(entry.device)
     inputs = tuple(x.to(entry.device) for x in spec.inputs(size, torch.Generator().manual_seed(1)))
