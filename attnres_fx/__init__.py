@@ -7,7 +7,22 @@ print(attnres_fx.plan(model))
 from .api import depth_weights, from_pretrained, plan, transform
 from .errors import AttnResError
 from .module import AttnResModel
+from .parallel import SequenceParallelDepth
+from .pipeline import pipeline_split, pipeline_stage, pipeline_stages
 from .plan import Plan, PlanSite
 
-__all__ = ["AttnResError", "AttnResModel", "Plan", "PlanSite", "depth_weights", "from_pretrained", "plan", "transform"]
+__all__ = [
+    "AttnResError",
+    "AttnResModel",
+    "Plan",
+    "PlanSite",
+    "SequenceParallelDepth",
+    "depth_weights",
+    "from_pretrained",
+    "pipeline_split",
+    "pipeline_stage",
+    "pipeline_stages",
+    "plan",
+    "transform",
+]
 __version__ = "0.1.0"

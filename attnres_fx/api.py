@@ -21,8 +21,9 @@ from .capture import CallKey, CapturedGraph, capture, split_inputs
 from .errors import AlreadyTransformedError, AttnResError, NoResidualStreamError, UnnormalizedReadError
 from .hooks import DepthRuntime
 from .inputs import ExampleInputs, as_call, default_example_inputs
-from .layers import find_layers, recording_module_calls
+from .layers import find_layers, find_stream_start, recording_module_calls
 from .module import AttnResModel
+from .parallel import refuse_distributed
 from .parameters import AttnResParameters
 from .passes import DEFAULT_PASSES, apply_passes, check_pass_names
 from .plan import PARAMETER_PREFIX, Plan, make_plan
@@ -60,7 +61,7 @@ def transform(
         rewritten graph of the whole forward. `attnres_fx.plan(result)` says which.
     """
     _refuse_transformed(model)
-    _refuse_distributed_wrappers(model)
+    refuse_distributed(model)
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         options = dict(num_blocks=num_blocks, block_size=block_size, passes=passes)
         return _transform_compiled(model, example_inputs, allow_unnormalized_reads=allow_unnormalized_reads, **options)
@@ -91,7 +92,9 @@ def transform(
     params = AttnResParameters(plan, _concrete(start.shape[-1]), device, start.dtype)
     if hooked:
         model.add_module(PARAMETER_PREFIX, params)
-        DepthRuntime(plan, layers, params, two_phase="two_phase" in passes).install(model)
+        start = find_stream_start(layers, calls)
+        runtime = DepthRuntime(plan, layers, params, start, stream.final_readers, two_phase="two_phase" in passes)
+        runtime.install(model)
         hf.record_settings(model, plan.block_size, len(plan.sites))
         return model
     _report(_opaque_message(type(model).__name__, captured.opaque_paths))
@@ -304,22 +307,6 @@ def _transform_compiled(compiled: nn.Module, example_inputs: ExampleInputs | Non
             "`torch.compile(attnres_fx.transform(model))`."
         )
     return compiled
-
-
-def _refuse_distributed_wrappers(model: nn.Module) -> None:
-    """DDP and FSDP register a model's parameters when they wrap it; the new `attnres` parameters would be left out."""
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
-    for path, module in model.named_modules():
-        if isinstance(module, (nn.parallel.DistributedDataParallel, FullyShardedDataParallel, FSDPModule)):
-            where = f"submodule `{path}`" if path else "the model"
-            raise AttnResError(
-                f"{where} is already wrapped or sharded by {type(module).__name__}, which registered its parameters "
-                "before attnres_fx could add its own (the `attnres.*` pseudo-queries would be neither synchronised nor "
-                "sharded). Transform the unwrapped model first, then wrap or shard the result: "
-                "`model = attnres_fx.transform(model)`, then `fully_shard(layer)` per layer and `fully_shard(model)`, "
-                "or `DistributedDataParallel(model)`."
-            )
 
 
 def _refuse_transformed(model: nn.Module) -> None:

@@ -105,3 +105,29 @@ def attnres_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         with safe_open(str(folder / name), framework="pt") as f:
             tensors.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(SETTINGS_KEY + ".")})
     return tensors
+
+
+def is_pipelinable(model: nn.Module) -> bool:
+    """Whether `pipeline.pipeline_split` can run stages of `model`: an HF model whose base model takes the hidden
+    state as `inputs_embeds`."""
+    base = getattr(model, "base_model", None)
+    if base is None or not hasattr(base, "forward"):
+        return False
+    return "inputs_embeds" in inspect.signature(type(base).forward).parameters
+
+
+class StageCall:
+    """How a stage copy of an HF model runs on its input: token ids into the first stage, the hidden state as
+    `inputs_embeds` into the others; the last returns the logits, the others the base model's last hidden state
+    (their final norm is an identity). Class forwards where the module's own forward is the stage's."""
+
+    def __init__(self, model: nn.Module, first: bool, last: bool):
+        self.model, self.first, self.last = model, first, last
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        inputs = {"input_ids" if self.first else "inputs_embeds": x, "use_cache": False}
+        if self.last:
+            return type(self.model).forward(self.model, **inputs).logits
+        base = self.model.base_model
+        out = type(base).forward(base, **inputs) if base is self.model else base(**inputs)
+        return out.last_hidden_state

@@ -1,274 +1,289 @@
 """Module-faithful execution: the model's own modules and forwards run at every call; hooks make its stream AttnRes.
 
 Around each call of a layer (see `layers.py`):
-- the layer's forward is handed, in place of the stream, the current block's partial sum (zeros when a block starts
-  with the layer), so that the layer's own residual adds, with whatever dropout, LayerScale or multiplier stands
-  between a branch and its add, compute Block AttnRes's partial sums;
+- the layer's stream input is the depth mix its first sublayer reads, and it carries the depth state (`state.py`);
+  the layer's forward is handed instead the current block's partial sum (zeros when a block starts with the layer),
+  so that the layer's own residual adds, with whatever dropout, LayerScale or multiplier stands between a branch and
+  its add, compute Block AttnRes's partial sums;
 - the pre-hook of each norm that reads the stream inside the layer replaces the norm's input by its sublayer's depth
   mix over [stream start, completed blocks, partial sum];
-- the layer returns, in place of the stream, the mix that the next layer's first sublayer reads (the
-  final aggregation after the last layer), so readers between layers (the final norm, `output_hidden_states`) see
-  depth mixes.
+- the layer returns, in place of the stream, the mix that the next sublayer reads (the final aggregation after the
+  last layer), carrying the new state; readers between layers (`output_hidden_states`, the final norm) see mixes.
 Depth attention runs in two phases (`ops.py`): when a block opens, all its sublayers are scored against the completed
-blocks at once; each sublayer then merges its partial sum with online softmax.
+blocks at once (phase 1, which the state carries to the next layer); each sublayer then merges its partial sum with
+online softmax.
 
-Activation checkpointing runs a layer's forward (and, with some wrappers, its hooks) again in the backward. What one
-layer call needs is kept in a `_LayerCall`, which the recomputation finds again from the very tensors it is given;
-nothing is taken from whatever call happens to be in progress then. State lives per thread and is dropped when the
-last layer returns.
+What a layer does is written in positions within a block, not in sublayer indices (`LayerProgram`), and it is handed
+the parameters it uses in order, so all layers of one configuration run the same code on state of the same shapes:
+per-layer `torch.compile` compiles one graph per configuration, at any depth. The only per-call Python state is the
+layer call in progress (`_LayerCall`), which the norms inside that call read.
 """
 
 from __future__ import annotations
 
 import functools
 import threading
-import weakref
-from collections import defaultdict
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
-from . import ops
+from . import ops, state
 from .errors import AttnResError
 from .layers import LayerLayout
-from .parameters import AttnResParameters
-from .plan import Plan, PlanSite
+from .parallel import site_weights
+from .parameters import AttnResParameters, SiteParameters
+from .plan import Plan
+from .state import BlockScores, DepthState
 
 
-class _Depth:
-    """The stream between two sublayers: completed blocks, the current block's partial sum, and that block's phase 1
-    (every sublayer of the block scored against the completed blocks, per key-norm eps)."""
+@dataclass(frozen=True)
+class LayerProgram:
+    """A layer's part of the depth, relative to its first sublayer (offset 0); offsets 1..num_sites are the sublayers
+    it computes mixes for (the last: the one after the layer), offsets up to len(eps) those it may score."""
 
-    def __init__(
-        self,
-        site: int,
-        blocks: tuple[Tensor, ...],
-        inv_rms: dict[float, tuple[Tensor, ...]],
-        partial: Tensor | None,
-        phase1: dict[float, ops.BlockStats],
-    ):
-        self.site = site  # the next sublayer to run
-        self.blocks = blocks
-        self.inv_rms = inv_rms
-        self.partial = partial
-        self.phase1 = phase1
+    block_size: int
+    first_position: int  # the position of the layer's first sublayer in its block
+    num_sites: int
+    eps: tuple[float, ...]  # key-norm eps per offset from 1 (the order of the parameters the layer is handed)
+    in_place: bool  # its residual adds are in place (`x += f(x)`): it must be handed a copy of the partial sum
+    stream_arg: int | str
+    output_index: int | None
+    last: bool  # the mix it returns is the final aggregation
 
-
-class _LayerCall:
-    """One call of one layer: the depth it started from, the mix its first sublayer reads, and what its norms have
-    seen so far (reset when the first norm reads, so a recomputation starts from the same place)."""
-
-    def __init__(self, layer: int, depth: _Depth, mix_in: Tensor, handed_in: Tensor):
-        self.layer = layer
-        self.entry = _Depth(depth.site, depth.blocks, depth.inv_rms, None, depth.phase1)  # the partial is handed in
-        self.mix_in = mix_in
-        self.handed_in = weakref.ref(handed_in)  # weak: a recomputation may be handed it again, or a copy
-        self.restart()
-
-    def restart(self) -> None:
-        self.depth = self.entry
-        self.base: Tensor | None = None  # the stream value where a block ended inside the layer
-        self.cached: tuple[int, Tensor, Tensor] | None = None  # (sublayer, norm input, its mix)
+    def position(self, offset: int) -> int:
+        return (self.first_position + offset) % self.block_size
 
 
 class DepthRuntime:
     """Installs and runs the hooks of one transformed model."""
 
-    def __init__(self, plan: Plan, layers: tuple[LayerLayout, ...], params: AttnResParameters, two_phase: bool):
+    def __init__(
+        self,
+        plan: Plan,
+        layers: tuple[LayerLayout, ...],
+        params: AttnResParameters,
+        start: str | None,
+        final_norms: tuple[str, ...],
+        two_phase: bool,
+    ):
         self.plan, self.layers, self.params, self.two_phase = plan, layers, params, two_phase
-        self.num_sites = len(plan.sites)
-        groups: dict[tuple[int, float], list[PlanSite]] = defaultdict(list)
-        for site in plan.parametrised:
-            groups[site.block, site.eps].append(site)
-        self._groups = dict(groups)  # (block, eps) -> the block's sites that share one phase 1
-        self._slot = {s.index: k for sites in groups.values() for k, s in enumerate(sites)}
-        self._eps = tuple(sorted({s.eps for s in plan.parametrised}))
-        self._init_per_call_state()
-
-    def _init_per_call_state(self) -> None:
-        self._local = threading.local()  # .depth: after the last layer that returned; .layer: the layer running
-        # eager: per layer, its calls whose autograd graph is alive (each call is held by its output's graph node),
-        # for recomputations in the backward
-        self._recomputable: dict[int, list[weakref.ref[_LayerCall]]] = defaultdict(list)
+        self.start_path, self.final_norms = start, final_norms  # where the stream starts, what reads its end
+        self.slots = plan.final.num_completed  # the most completed sources any sublayer reads
+        self.key_eps = tuple(sorted({s.eps for s in plan.parametrised})) if two_phase else ()
+        self._local = threading.local()  # .call: the layer call in progress on this thread
 
     def __getstate__(self) -> dict[str, Any]:
-        per_call = ("_local", "_recomputable")
-        return {k: v for k, v in self.__dict__.items() if k not in per_call}
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._init_per_call_state()
+    def __setstate__(self, saved: dict[str, Any]) -> None:
+        self.__dict__.update(saved)
+        self._local = threading.local()
 
     def install(self, model: nn.Module) -> None:
-        for i, layer in enumerate(self.layers):
-            module = model.get_submodule(layer.path)
-            module.forward = _DepthForward(self, i, module)
-            for path, site in layer.readers:
-                model.get_submodule(path).register_forward_pre_hook(functools.partial(self._read, i, site))
+        programs: dict[LayerProgram, LayerProgram] = {}  # one object per configuration
+        forwards = []
+        for layout in self.layers:
+            module = model.get_submodule(layout.path)
+            program, params = self._program(layout)
+            module.forward = _DepthForward(self, module, programs.setdefault(program, program), params, layout)
+            forwards.append(module.forward)
+            for path, site in layout.readers:
+                hook = functools.partial(self.read, site - layout.first_site)
+                model.get_submodule(path).register_forward_pre_hook(hook)
+        if self.start_path is not None:
+            hook = functools.partial(self._start_hook, forwards[0])
+            model.get_submodule(self.start_path).register_forward_hook(hook)
+
+    def _program(self, layout: LayerLayout) -> tuple[LayerProgram, tuple[SiteParameters, ...]]:
+        size, count = self.plan.block_size, len(self.plan.sites)
+        end = layout.end_site
+        reach = min((end // size + 1) * size - 1, count)  # the end of the block the layer's last mix belongs to
+        sites = [self.plan.sites[j] if j < count else self.plan.final for j in range(layout.first_site + 1, reach + 1)]
+        program = LayerProgram(
+            block_size=size,
+            first_position=layout.first_site % size,
+            num_sites=layout.num_sites,
+            eps=tuple(s.eps for s in sites),
+            in_place=layout.in_place,
+            stream_arg=layout.stream_arg,
+            output_index=layout.output_index,
+            last=end == count,
+        )
+        return program, tuple(getattr(self.params, s.name) for s in sites)
 
     # --- hooks ---------------------------------------------------------------------------------------------------
 
-    def enter_layer(self, i: int, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
-        layer = self.layers[i]
-        x = _get(args, kwargs, layer.stream_arg)
-        eager = not torch.compiler.is_compiling()
-        if layer.first_site == 0:
-            depth = self._start(x)
-        else:
-            depth = getattr(self._local, "depth", None)  # what the layer before left, in this call
-            if (depth is None or depth.site != layer.first_site) and eager:  # a recomputation in the backward
-                recomputed = self._recomputed_call(i, x, lambda c: c.mix_in)
-                depth = recomputed.entry if recomputed is not None else None
-            if depth is None or depth.site != layer.first_site:
-                raise AttnResError(
-                    f"`{layer.path}` (sublayers {layer.first_site}-{layer.end_site - 1}) was called without the layers "
-                    "before it in the same call of the model; a transformed model's layers read the depth state that "
-                    "the layers before them leave, so call the model as a whole."
-                )
-        if depth.partial is None:
-            handed_in = torch.zeros_like(x)
-        else:
-            handed_in = depth.partial.clone() if layer.in_place else depth.partial
-        call = _LayerCall(i, depth, x, handed_in)
-        self._local.layer = call
-        return _put(args, kwargs, layer.stream_arg, handed_in)
+    def enter(self, forward: _DepthForward, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        program = forward.program
+        x = _get(args, kwargs, program.stream_arg)
+        depth = state.find(x, state.DEPTH)
+        if depth is None:
+            if not forward.opens_stream:
+                raise AttnResError(_no_state_message(forward.layout))
+            depth = self.start(x, forward)
+        entry = _LayerEntry(forward, x, depth)
+        self._local.call, self._local.recomputing = _LayerCall(entry), None
+        partial = state.tracked(torch.zeros_like(x), x) if depth.partial is None else depth.partial
+        handed = partial.clone() if program.in_place else partial.view_as(partial)  # its own tensor, in any case
+        if not torch.compiler.is_compiling():
+            state.attach(handed, entry, state.CALL)  # a tensor of this call alone: see `_current_call`
+        return _put(args, kwargs, program.stream_arg, handed)
 
-    def _read(self, i: int, site: int, module: nn.Module, args: tuple) -> tuple | None:
-        call = getattr(self._local, "layer", None)
-        if call is None or call.layer != i:  # not in a forward of this layer: a recomputation, or the norm alone
-            call = self._recomputing(i, site, args[0])
-            if call is None:
-                return None  # the norm called on its own, outside a call of its layer: left as it is
-        if site == call.entry.site:
+    def read(self, offset: int, module: nn.Module, args: tuple) -> tuple | None:
+        call = self._current_call(offset, args[0])
+        if call is None:
+            if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+                raise AttnResError(
+                    f"a norm that reads the residual stream ({type(module).__name__}) is recomputed in the backward "
+                    "without the layer that holds it: activation checkpointing inside a layer is not supported by "
+                    "a transformed model. Checkpoint whole layers (`gradient_checkpointing_enable()`, or "
+                    "`apply_activation_checkpointing` on the decoder layers)."
+                )
+            return None  # the norm called on its own, outside a call of its layer: left as it is
+        if offset == 0:
             call.restart()
             return (call.mix_in, *args[1:])
-        return (self._mix_inside(call, site, args[0], self.layers[i].in_place), *args[1:])
+        return (self._mix_inside(call, offset, args[0]), *args[1:])
 
-    def leave_layer(self, i: int, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
-        layer = self.layers[i]
-        call = self._local.layer
-        stream = output if layer.output_index is None else output[layer.output_index]
-        stream = _as_shape(stream, call.mix_in.shape)
-        if layer.in_place:  # the tensor the layer added to in place: what it holds now is kept as a copy
-            stream = stream.clone()
-        partial = stream if call.base is None else stream - call.base
-        end = layer.end_site
-        if end % self.plan.block_size == 0:
-            depth = self._complete(call.depth, partial, end)
-        else:
-            depth = _Depth(end, call.depth.blocks, call.depth.inv_rms, partial, call.depth.phase1)
-        mix = self._mix(depth, end, depth.partial)
-        self._local.layer = None
-        if end == self.num_sites:  # the final aggregation: nothing of this call stays behind
-            self._local.depth = None
-        else:
-            self._local.depth = depth
-        if not torch.compiler.is_compiling() and mix.grad_fn is not None:  # a backward may recompute this call
-            mix.grad_fn.metadata.setdefault("attnres_fx", []).append(call)  # downstream of all it holds: no cycle
-            self._recomputable[i].append(weakref.ref(call))
-        if layer.output_index is None:
-            return mix
-        return type(output)((*output[: layer.output_index], mix, *output[layer.output_index + 1 :]))
-
-    def _recomputing(self, i: int, site: int, given: Tensor) -> _LayerCall | None:
-        """The call of layer i that transformers' checkpointing recomputes (it reruns the layer's forward, not these
-        hooks): found by its first norm's input, then kept (weakly) for the layer's later norms."""
+    def _current_call(self, offset: int, given: Tensor) -> _LayerCall | None:
+        """The layer call a norm reads in: the one in progress, or the one whose forward transformers'
+        checkpointing recomputes in the backward (it reruns the layer's class forward, not `enter`), which the first
+        norm finds on the tensor it is handed; that holds until the backward that recomputes it ends."""
+        local = self._local
         if torch.compiler.is_compiling():
-            return None
-        if site == self.layers[i].first_site:
-            call = self._recomputed_call(i, given, lambda c: c.handed_in())
-            self._local.recomputing = weakref.ref(call) if call is not None else None
-            return call
-        ref = getattr(self._local, "recomputing", None)
-        call = ref() if ref is not None else None
-        return call if call is not None and call.layer == i else None
+            return local.call
+        task = torch._C._current_graph_task_id()
+        if offset == 0 and task != -1:
+            entry = state.find(given, state.CALL)
+            call = getattr(local, "call", None)
+            if entry is not None and (call is None or call.started is not entry):
+                if getattr(local, "recomputing", None) != task:  # drop it when this backward ends
+                    torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_forget, local))
+                local.call, local.recomputing = _LayerCall(entry), task
+        return getattr(local, "call", None)
 
-    def _recomputed_call(
-        self, i: int, given: Tensor, handed: Callable[[_LayerCall], Tensor | None]
-    ) -> _LayerCall | None:
-        """The call of layer i that a recomputation in the backward redoes, among those whose graph is alive: the one
-        that was handed the very tensor `given`, else the only one handed a tensor equal to it (a copy, under
-        saved-tensor hooks or offloading). None if none was: this is no recomputation."""
-        alive = [c for c in (ref() for ref in self._recomputable[i]) if c is not None]
-        self._recomputable[i] = [weakref.ref(c) for c in alive]
-        same = [c for c in alive if handed(c) is given]
-        found = same or [c for c in alive if (t := handed(c)) is not None and _same_tensor(t, given)]
-        if len(found) > 1:
-            raise AttnResError(
-                f"`{self.layers[i].path}` is recomputed (activation checkpointing) from copies of its inputs, and "
-                f"{len(found)} of its calls that await their backward were handed equal inputs, so the depth state of "
-                "the one being recomputed cannot be told. Run each backward before the next forward with the same "
-                "inputs, or checkpoint without offloading."
-            )
-        return found[0] if found else None
+    def leave(self, call: _LayerCall, output: Any) -> Any:
+        program = call.program
+        stream = output if program.output_index is None else output[program.output_index]
+        stream = _as_shape(stream, call.mix_in.shape)
+        if program.in_place:  # the tensor the layer added to in place: what it holds now is kept as a copy
+            stream = stream.clone()
+        mix, partial = self._advance(call, program.num_sites, stream)
+        if not program.last:
+            state.attach(mix, call.depth.moved(partial, call.scores), state.DEPTH)
+        if program.output_index is None:
+            return mix
+        i = program.output_index
+        return type(output)((*output[:i], mix, *output[i + 1 :]))
+
+    def _start_hook(self, first: _DepthForward, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        """The module whose output is the stream's start: that output, as a view that carries the initial state. Not
+        where tensor parallelism's own hook turns the output into the local stream after this one: the first layer
+        starts the state then."""
+        if isinstance(output, DTensor):
+            return None
+        start = output.view_as(output)  # a view: the state holds `output`, and no tensor holds its own state
+        state.attach(start, self.start(output, first), state.DEPTH)
+        return start
 
     # --- depth attention -----------------------------------------------------------------------------------------
 
-    def _mix_inside(self, call: _LayerCall, site: int, stream: Tensor, in_place: bool) -> Tensor:
-        """The mix that sublayer `site` reads, given the stream value inside the layer (partial sums since the layer
-        started, on top of the partial sum it was handed), in whatever view of the stream the norm reads (a layer may
-        flatten it). A layer with in-place adds changes that value after the norm has read it, so a copy is kept."""
-        if call.cached is not None and call.cached[0] == site and call.cached[1] is stream:
-            return call.cached[2]  # a second norm reading the same sublayer input (parallel residual)
-        value = _as_shape(stream, call.mix_in.shape)
-        value = value.clone() if in_place else value
-        partial = value if call.base is None else value - call.base
-        if site % self.plan.block_size == 0:
-            call.depth, call.base = self._complete(call.depth, partial, site), value
-            mix = self._mix(call.depth, site, None)
-        else:
-            mix = self._mix(call.depth, site, partial)
-        mix = _as_shape(mix, stream.shape)
-        call.cached = (site, stream, mix)
-        return mix
-
-    def _start(self, x: Tensor) -> _Depth:
-        return self._open(_Depth(0, (x,), self._inverse_rms({}, x), None, {}))
-
-    def _complete(self, depth: _Depth, block: Tensor, site: int) -> _Depth:
-        """The depth after `block` completed, with the next block's phase 1 computed."""
-        inv_rms = self._inverse_rms(depth.inv_rms, block)
-        return self._open(_Depth(site, (*depth.blocks, block), inv_rms, None, {}))
-
-    def _inverse_rms(self, previous: dict[float, tuple[Tensor, ...]], block: Tensor) -> dict[float, tuple[Tensor, ...]]:
-        if not self._uses_two_phase():
-            return previous
-        return {eps: (*previous.get(eps, ()), ops.inverse_rms(block, eps)) for eps in self._eps}
-
-    def _open(self, depth: _Depth) -> _Depth:
-        if self._uses_two_phase():
-            block = depth.site // self.plan.block_size
-            for eps in self._eps:
-                sites = self._groups.get((block, eps))
-                if sites:
-                    queries = [self._param(s, "query") for s in sites]
-                    key_weights = [self._param(s, "key_weight") for s in sites]
-                    depth.phase1[eps] = ops.block_scores(
-                        list(depth.blocks), list(depth.inv_rms[eps]), queries, key_weights
-                    )
+    def start(self, x: Tensor, first: _DepthForward) -> DepthState:
+        """The state at the stream's start `x`, with the first block scored for the sublayers after the first."""
+        depth = state.from_sources([x], self.slots, self.key_eps, None)
+        if self._uses_two_phase():  # the whole block, as where any other block opens: the same shapes follow
+            depth.scores = self._score(depth, first.program, first.params, 0)
         return depth
 
-    def _mix(self, depth: _Depth, site: int, partial: Tensor | None) -> Tensor:
-        """The input of sublayer `site` (the final aggregation when `site` is the number of sublayers)."""
-        s = self.plan.sites[site] if site < self.num_sites else self.plan.final
-        if s.query is None:
-            return depth.blocks[0]
-        query, key_weight = self._param(s, "query"), self._param(s, "key_weight")
+    def _mix_inside(self, call: _LayerCall, offset: int, stream: Tensor) -> Tensor:
+        """The mix that sublayer `offset` reads, given the stream value inside the layer (partial sums since the
+        layer started, on top of the partial sum it was handed), in whatever view of the stream the norm reads (a
+        layer may flatten it). A layer with in-place adds changes that value after the norm has read it: a copy."""
+        if call.cached is not None and call.cached[0] == offset and call.cached[1] is stream:
+            return call.cached[2]  # a second norm reading the same sublayer input (parallel residual)
+        value = _as_shape(stream, call.mix_in.shape)
+        value = value.clone() if call.program.in_place else value
+        mix = _as_shape(self._advance(call, offset, value)[0], stream.shape)
+        call.cached = (offset, stream, mix)
+        return mix
+
+    def _advance(self, call: _LayerCall, offset: int, value: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(the mix of sublayer `offset`, the current block's partial sum) given the stream value before it; a block
+        that ends before that sublayer is completed first."""
+        partial = value if call.base is None else value - call.base
+        if call.program.position(offset) == 0:
+            call.depth, call.base, call.scores = call.depth.completed(partial, self.key_eps), value, None
+            return self._mix(call, offset, None), None
+        return self._mix(call, offset, partial), partial
+
+    def _mix(self, call: _LayerCall, offset: int, partial: Tensor | None) -> Tensor:
+        program, depth = call.program, call.depth
+        eps = program.eps[offset - 1]
+        query, key_weight = site_weights(call.params[offset - 1])
         if not self._uses_two_phase():
-            sources = [*depth.blocks, partial] if partial is not None else list(depth.blocks)
-            return ops.depth_attention(sources, query, key_weight, s.eps)
-        stats, k = depth.phase1[s.eps], self._slot[site]
+            blocks, _, bias = depth.sources()
+            if partial is not None:
+                blocks.append(partial)
+                bias = None if bias is None else torch.cat([bias, bias.new_zeros(1)])
+            return ops.depth_attention(blocks, query, key_weight, eps, bias)
+        position = program.position(offset)
+        if call.scores is None or eps not in call.scores or position not in call.scores[eps].positions:
+            call.scores = self._score(depth, program, call.params, offset)  # a recomputation, or a stage's start
+        scores = call.scores[eps]
+        k = scores.positions.index(position)
         if partial is None:
-            return ops.completed_only(stats, k, depth.blocks[0])
-        return ops.merge_partial(stats, k, partial, query, key_weight, s.eps)
+            return ops.completed_only(scores.stats, k, depth.blocks[-1])
+        return ops.merge_partial(scores.stats, k, partial, query, key_weight, eps)
+
+    def _score(
+        self, depth: DepthState, program: LayerProgram, params: tuple[SiteParameters, ...], offset: int
+    ) -> dict[float, BlockScores]:
+        """Phase 1 of the block of sublayer `offset`, for it and the block's sublayers after it, per key-norm eps.
+        Offset 0 is scored only at the stream's start, where sublayer 0 (one source, no parameters) reads the start
+        itself: its row, computed with the next sublayer's parameters, is never read (and passes back no gradient)."""
+        last = min(offset + program.block_size - program.position(offset) - 1, len(program.eps))
+        groups: dict[float, list[int]] = {}
+        for o in range(offset, last + 1):
+            groups.setdefault(program.eps[max(o, 1) - 1], []).append(o)
+        scores = {}
+        for eps, offsets in groups.items():
+            blocks, inv_rms, bias = depth.sources(eps)
+            weights = [site_weights(params[max(o, 1) - 1]) for o in offsets]
+            stats = ops.block_scores(blocks, inv_rms, [w[0] for w in weights], [w[1] for w in weights], bias)
+            scores[eps] = BlockScores(tuple(program.position(o) for o in offsets), stats)
+        return scores
 
     def _uses_two_phase(self) -> bool:
         return self.two_phase and not ops.is_recording()
 
-    def _param(self, site: PlanSite, name: str) -> Tensor:
-        return getattr(getattr(self.params, site.name), name)
+
+@dataclass(frozen=True)
+class _LayerEntry:
+    """What one call of a layer starts from: the layer, the mix its first sublayer reads, the state it was handed."""
+
+    forward: _DepthForward
+    mix_in: Tensor
+    depth: DepthState
+
+
+class _LayerCall:
+    """One call of one layer in progress: where it started and how far its norms got (reset when the first norm
+    reads, so a recomputation starts from the same place)."""
+
+    def __init__(self, started: _LayerEntry):
+        self.started = started
+        self.program, self.params, self.mix_in = started.forward.program, started.forward.params, started.mix_in
+        self.entry = started.depth
+        self.restart()
+
+    def restart(self) -> None:
+        self.depth: DepthState = self.entry
+        self.scores: dict[float, BlockScores] | None = self.entry.scores
+        self.base: Tensor | None = None  # the stream value where a block ended inside the layer
+        self.cached: tuple[int, Tensor, Tensor] | None = None  # (offset, norm input, its mix)
 
 
 class _DepthForward:
@@ -276,22 +291,46 @@ class _DepthForward:
     depth mix and returns the next one, so every hook on the layer, the user's or a library's (FSDP2, transformers'
     output capture), sees those, while the class's forward (with transformers' checkpointing) runs in between."""
 
-    def __init__(self, runtime: DepthRuntime, index: int, module: nn.Module):
-        self.runtime, self.index, self.module = runtime, index, module
+    def __init__(
+        self,
+        runtime: DepthRuntime,
+        module: nn.Module,
+        program: LayerProgram,
+        params: tuple[SiteParameters, ...],
+        layout: LayerLayout,
+    ):
+        self.runtime, self.module, self.program, self.params, self.layout = runtime, module, program, params, layout
+        self.opens_stream = layout.first_site == 0
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        args, kwargs = self.runtime.enter_layer(self.index, args, kwargs)
-        output = type(self.module).forward(self.module, *args, **kwargs)
-        return self.runtime.leave_layer(self.index, args, kwargs, output)
+        local = self.runtime._local
+        args, kwargs = self.runtime.enter(self, args, kwargs)
+        call = local.call
+        try:
+            output = type(self.module).forward(self.module, *args, **kwargs)
+            return self.runtime.leave(call, output)
+        finally:
+            local.call = None
+
+
+def _forget(local: threading.local) -> None:
+    """At the end of a backward: the layer call it recomputed is over."""
+    local.call = local.recomputing = None
+
+
+def _no_state_message(layout: LayerLayout) -> str:
+    return (
+        f"`{layout.path}` (sublayers {layout.first_site}-{layout.end_site - 1}) was called with a stream input that "
+        "carries no depth state: a transformed model's layers read the state that the layer before them returns "
+        "with its output. Call the model as a whole (or, in pipeline stages, wrap each stage with "
+        "`attnres_fx.pipeline_stage`), and keep hooks and wrappers from replacing the tensor a layer returns before "
+        "the next layer reads it."
+    )
 
 
 def _as_shape(x: Tensor, shape: torch.Size) -> Tensor:
     """`x` viewed in `shape` (a layer may flatten the stream); no op at all in the usual case, where it has it."""
     return x if x.shape == shape else x.reshape(shape)
-
-
-def _same_tensor(a: Tensor, b: Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
 
 
 def _get(args: tuple, kwargs: dict[str, Any], where: int | str) -> Any:

@@ -40,11 +40,19 @@ def _row_tile(tile, M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _fold_block(b_ptr, r_ptr, rows, cols, row_mask, mask, D, w, m, l, acc):
+def _slot_bias(s_ptr, i, HAS_BIAS: tl.constexpr):
+    """The logit bias of block slot i: -inf masks a placeholder (see `state.py`)."""
+    if HAS_BIAS:
+        return tl.load(s_ptr + i)
+    return 0.0
+
+
+@triton.jit
+def _fold_block(b_ptr, r_ptr, bias, rows, cols, row_mask, mask, D, w, m, l, acc):
     """Online softmax: add one completed block's scores and values to the running (max, sum, weighted sum)."""
     v = tl.load(b_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     r = tl.load(r_ptr + rows, mask=row_mask, other=0.0)
-    x = tl.sum(v * w[None, :], 1) * r
+    x = tl.sum(v * w[None, :], 1) * r + bias
     top = tl.maximum(m, x)
     alpha, beta = tl.exp(m - top), tl.exp(x - top)
     return top, l * alpha + beta, acc * alpha[:, None] + beta[:, None] * v
@@ -56,10 +64,11 @@ def _phase_one_kernel(
     w_ptr,
     b0, b1, b2, b3, b4, b5, b6, b7,
     r0, r1, r2, r3, r4, r5, r6, r7,
-    m_ptr, l_ptr, o_ptr, M, D, J,
-    NUM: tl.constexpr, HAS_INIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    s_ptr, m_ptr, l_ptr, o_ptr, M, D, J,
+    NUM: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Program (j, row tile): sublayer j's statistics over NUM completed blocks, continuing from the stored ones."""
+    """Program (j, row tile): sublayer j's statistics over NUM completed blocks, continuing from the stored ones.
+    The first block folded in must hold a source (bias > -inf) when there is nothing to continue from."""
     j = tl.program_id(0)
     rows, cols, row_mask, mask = _row_tile(tl.program_id(1), M, D, BLOCK_M, BLOCK_D)
     w = tl.load(w_ptr + j * D + cols, mask=cols < D, other=0.0)
@@ -73,21 +82,21 @@ def _phase_one_kernel(
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    m, l, acc = _fold_block(b0, r0, rows, cols, row_mask, mask, D, w, m, l, acc)
+    m, l, acc = _fold_block(b0, r0, _slot_bias(s_ptr, 0, HAS_BIAS), rows, cols, row_mask, mask, D, w, m, l, acc)
     if NUM > 1:
-        m, l, acc = _fold_block(b1, r1, rows, cols, row_mask, mask, D, w, m, l, acc)
+        m, l, acc = _fold_block(b1, r1, _slot_bias(s_ptr, 1, HAS_BIAS), rows, cols, row_mask, mask, D, w, m, l, acc)
     if NUM > 2:
-        m, l, acc = _fold_block(b2, r2, rows, cols, row_mask, mask, D, w, m, l, acc)
+        m, l, acc = _fold_block(b2, r2, _slot_bias(s_ptr, 2, HAS_BIAS), rows, cols, row_mask, mask, D, w, m, l, acc)
     if NUM > 3:
-        m, l, acc = _fold_block(b3, r3, rows, cols, row_mask, mask, D, w, m, l, acc)
+        m, l, acc = _fold_block(b3, r3, _slot_bias(s_ptr, 3, HAS_BIAS), rows, cols, row_mask, mask, D, w, m, l, acc)
     if NUM > 4:
-        m, l, acc = _fold_block(b4, r4, rows, cols, row_mask, mask, D, w, m, l, acc)
+        m, l, acc = _fold_block(b4, r4, _slot_bias(s_ptr, 4, HAS_BIAS), rows, cols, row_mask, mask, D, w, m, l, acc)
     if NUM > 5:
-        m, l, acc = _fold_block(b5, r5, rows, cols, row_mask, mask, D, w, m, l, acc)
+        m, l, acc = _fold_block(b5, r5, _slot_bias(s_ptr, 5, HAS_BIAS), rows, cols, row_mask, mask, D, w, m, l, acc)
     if NUM > 6:
-        m, l, acc = _fold_block(b6, r6, rows, cols, row_mask, mask, D, w, m, l, acc)
+        m, l, acc = _fold_block(b6, r6, _slot_bias(s_ptr, 6, HAS_BIAS), rows, cols, row_mask, mask, D, w, m, l, acc)
     if NUM > 7:
-        m, l, acc = _fold_block(b7, r7, rows, cols, row_mask, mask, D, w, m, l, acc)
+        m, l, acc = _fold_block(b7, r7, _slot_bias(s_ptr, 7, HAS_BIAS), rows, cols, row_mask, mask, D, w, m, l, acc)
     tl.store(m_ptr + stat, m, mask=row_mask)
     tl.store(l_ptr + stat, l, mask=row_mask)
     tl.store(o_ptr + out, acc.to(o_ptr.dtype.element_ty), mask=mask)
@@ -95,7 +104,9 @@ def _phase_one_kernel(
 
 
 @triton.jit
-def _block_grads(b_ptr, r_ptr, gb_ptr, gr_ptr, c_ptr, w_ptr, m_ptr, gl_ptr, go_ptr, rows, cols, row_mask, mask, D, J):
+def _block_grads(
+    b_ptr, r_ptr, bias, gb_ptr, gr_ptr, c_ptr, w_ptr, m_ptr, gl_ptr, go_ptr, rows, cols, row_mask, mask, D, J
+):
     """One completed block's gradients (block, inverse RMS) and its weight-gradient coefficients, over all J."""
     tile = rows[:, None] * D + cols[None, :]
     v = tl.load(b_ptr + tile, mask=mask, other=0.0).to(tl.float32)
@@ -107,7 +118,7 @@ def _block_grads(b_ptr, r_ptr, gb_ptr, gr_ptr, c_ptr, w_ptr, m_ptr, gl_ptr, go_p
         stat = rows * J + j
         go = tl.load(go_ptr + stat[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         z = tl.sum(v * w[None, :], 1)
-        e = tl.exp(z * r - tl.load(m_ptr + stat, mask=row_mask, other=0.0))
+        e = tl.exp(z * r + bias - tl.load(m_ptr + stat, mask=row_mask, other=0.0))
         grad_x = (tl.load(gl_ptr + stat, mask=row_mask, other=0.0) + tl.sum(go * v, 1)) * e
         grad_v += e[:, None] * go + (grad_x * r)[:, None] * w[None, :]
         grad_r += grad_x * z
@@ -124,26 +135,28 @@ def _phase_one_backward_kernel(
     r0, r1, r2, r3, r4, r5, r6, r7,
     gb0, gb1, gb2, gb3, gb4, gb5, gb6, gb7,
     gr0, gr1, gr2, gr3, gr4, gr5, gr6, gr7,
-    c_ptr, M, D, J, NUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    s_ptr, c_ptr, M, D, J,
+    NUM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Program (row tile): the gradients of NUM completed blocks; the tile's upstream gradients stay in cache."""
     rows, cols, row_mask, mask = _row_tile(tl.program_id(0), M, D, BLOCK_M, BLOCK_D)
     step = M * J  # coefficients are [blocks, M, J]
-    _block_grads(b0, r0, gb0, gr0, c_ptr, w_ptr, m_ptr, gl_ptr, go_ptr, rows, cols, row_mask, mask, D, J)
+    shared = (w_ptr, m_ptr, gl_ptr, go_ptr, rows, cols, row_mask, mask, D, J)
+    _block_grads(b0, r0, _slot_bias(s_ptr, 0, HAS_BIAS), gb0, gr0, c_ptr, *shared)
     if NUM > 1:
-        _block_grads(b1, r1, gb1, gr1, c_ptr + step, w_ptr, m_ptr, gl_ptr, go_ptr, rows, cols, row_mask, mask, D, J)
+        _block_grads(b1, r1, _slot_bias(s_ptr, 1, HAS_BIAS), gb1, gr1, c_ptr + 1 * step, *shared)
     if NUM > 2:
-        _block_grads(b2, r2, gb2, gr2, c_ptr + 2 * step, w_ptr, m_ptr, gl_ptr, go_ptr, rows, cols, row_mask, mask, D, J)
+        _block_grads(b2, r2, _slot_bias(s_ptr, 2, HAS_BIAS), gb2, gr2, c_ptr + 2 * step, *shared)
     if NUM > 3:
-        _block_grads(b3, r3, gb3, gr3, c_ptr + 3 * step, w_ptr, m_ptr, gl_ptr, go_ptr, rows, cols, row_mask, mask, D, J)
+        _block_grads(b3, r3, _slot_bias(s_ptr, 3, HAS_BIAS), gb3, gr3, c_ptr + 3 * step, *shared)
     if NUM > 4:
-        _block_grads(b4, r4, gb4, gr4, c_ptr + 4 * step, w_ptr, m_ptr, gl_ptr, go_ptr, rows, cols, row_mask, mask, D, J)
+        _block_grads(b4, r4, _slot_bias(s_ptr, 4, HAS_BIAS), gb4, gr4, c_ptr + 4 * step, *shared)
     if NUM > 5:
-        _block_grads(b5, r5, gb5, gr5, c_ptr + 5 * step, w_ptr, m_ptr, gl_ptr, go_ptr, rows, cols, row_mask, mask, D, J)
+        _block_grads(b5, r5, _slot_bias(s_ptr, 5, HAS_BIAS), gb5, gr5, c_ptr + 5 * step, *shared)
     if NUM > 6:
-        _block_grads(b6, r6, gb6, gr6, c_ptr + 6 * step, w_ptr, m_ptr, gl_ptr, go_ptr, rows, cols, row_mask, mask, D, J)
+        _block_grads(b6, r6, _slot_bias(s_ptr, 6, HAS_BIAS), gb6, gr6, c_ptr + 6 * step, *shared)
     if NUM > 7:
-        _block_grads(b7, r7, gb7, gr7, c_ptr + 7 * step, w_ptr, m_ptr, gl_ptr, go_ptr, rows, cols, row_mask, mask, D, J)
+        _block_grads(b7, r7, _slot_bias(s_ptr, 7, HAS_BIAS), gb7, gr7, c_ptr + 7 * step, *shared)
 # fmt: on
 
 
@@ -232,12 +245,17 @@ def _chunks(tensors: list[Tensor]) -> list[list[Tensor]]:
 
 
 @triton_op("attnres_fx::phase_one", mutates_args=())
-def phase_one(weight: Tensor, blocks: list[Tensor], inv_rms: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """Phase 1: (running max [..., J], sum [..., J], weighted sum [..., J, d]) of J sublayers over the blocks."""
+def phase_one(
+    weight: Tensor, blocks: list[Tensor], inv_rms: list[Tensor], bias: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Phase 1: (running max [..., J], sum [..., J], weighted sum [..., J, d]) of J sublayers over the blocks,
+    each block's logits shifted by `bias` [blocks] if given (-inf: a placeholder, which the sum leaves out)."""
     j, d = weight.shape
     lead = blocks[0].shape[:-1]
     rows = [_rows(b) for b in blocks]
     rms = [r.reshape(-1).contiguous() for r in inv_rms]
+    if bias is not None:  # newest first: the newest slot always holds a source, so the running max starts finite
+        rows, rms, bias = rows[::-1], rms[::-1], bias.flip(0).contiguous()
     m_rows = rows[0].shape[0]
     m = torch.empty(m_rows, j, device=weight.device, dtype=torch.float32)
     l = torch.empty_like(m)
@@ -246,8 +264,8 @@ def phase_one(weight: Tensor, blocks: list[Tensor], inv_rms: list[Tensor]) -> tu
     grid = (j, triton.cdiv(m_rows, block_m))
     for start, (bs, rs) in enumerate(zip(_chunks(rows), _chunks(rms))):
         wrap_triton(_phase_one_kernel)[grid](
-            weight, *bs, *rs, m, l, o, m_rows, d, j,
-            NUM=min(MAX_BLOCKS, len(rows) - start * MAX_BLOCKS), HAS_INIT=start > 0,
+            weight, *bs, *rs, _bias_from(bias, start, weight), m, l, o, m_rows, d, j,
+            NUM=min(MAX_BLOCKS, len(rows) - start * MAX_BLOCKS), HAS_INIT=start > 0, HAS_BIAS=bias is not None,
             BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
         )  # fmt: skip
     return m.reshape(*lead, j), l.reshape(*lead, j), o.reshape(*lead, j, d)
@@ -255,7 +273,13 @@ def phase_one(weight: Tensor, blocks: list[Tensor], inv_rms: list[Tensor]) -> tu
 
 @triton_op("attnres_fx::phase_one_backward", mutates_args=())
 def phase_one_backward(
-    weight: Tensor, m: Tensor, blocks: list[Tensor], inv_rms: list[Tensor], grad_l: Tensor, grad_o: Tensor
+    weight: Tensor,
+    m: Tensor,
+    blocks: list[Tensor],
+    inv_rms: list[Tensor],
+    grad_l: Tensor,
+    grad_o: Tensor,
+    bias: Tensor | None = None,
 ) -> tuple[list[Tensor], list[Tensor], Tensor]:
     """Phase 1's gradients: per block (block, inverse RMS), and weight-gradient coefficients [blocks, tokens, J]."""
     j, d = weight.shape
@@ -271,12 +295,18 @@ def phase_one_backward(
         num = min(MAX_BLOCKS, len(rows) - start * MAX_BLOCKS)
         coefs.append(torch.empty(num, m_rows, j, device=weight.device, dtype=torch.float32))
         wrap_triton(_phase_one_backward_kernel)[(triton.cdiv(m_rows, block_m),)](
-            weight, m, grad_l, grad_o, *(t for part in chunk for t in part), coefs[-1],
-            m_rows, d, j, NUM=num, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
+            weight, m, grad_l, grad_o, *(t for part in chunk for t in part), _bias_from(bias, start, weight),
+            coefs[-1], m_rows, d, j, NUM=num, HAS_BIAS=bias is not None,
+            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
         )  # fmt: skip
     lead = blocks[0].shape
     grad_rms = [g.reshape(r.shape) for g, r in zip(grad_rms, inv_rms)]
     return [g.reshape(lead) for g in grad_blocks], grad_rms, torch.cat(coefs) if len(coefs) > 1 else coefs[0]
+
+
+def _bias_from(bias: Tensor | None, launch: int, unused: Tensor) -> Tensor:
+    """The bias of the blocks one launch reads (any tensor where there is none: the kernel does not read it)."""
+    return unused if bias is None else bias[launch * MAX_BLOCKS :].contiguous()
 
 
 @triton_op("attnres_fx::merge", mutates_args=())

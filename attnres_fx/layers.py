@@ -127,6 +127,17 @@ def _locate_stream_arguments(
     return tuple(located)
 
 
+def find_stream_start(layers: tuple[LayerLayout, ...], calls: dict[str, list[ModuleCall]]) -> str | None:
+    """The module whose output the first layer reads as the stream (an embedding, a dropout after it), if one is
+    called once per call: the state can then start on that output, outside the first layer (so that a layer compiled
+    on its own sees the same inputs as the others). The last such module in call order: what it returns flows on."""
+    first = layers[0]
+    args, kwargs, _ = calls[first.path][0]
+    x0 = _get(args, kwargs, first.stream_arg)
+    found = [path for path, done in calls.items() if path and len(done) == 1 and done[0][2] is x0]
+    return found[-1] if found else None
+
+
 def _position_of(value: Tensor | None, args: tuple, kwargs: dict[str, Any]) -> int | str | None:
     if value is None:
         return None

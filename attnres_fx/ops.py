@@ -46,14 +46,20 @@ def reshape_like(x: Tensor, like: Tensor) -> Tensor:
     return x.reshape(like.shape)
 
 
-def depth_attention(sources: list[Tensor], query: Tensor, key_weight: Tensor, eps: float) -> Tensor:
+def depth_attention(
+    sources: list[Tensor], query: Tensor, key_weight: Tensor, eps: float, bias: Tensor | None = None
+) -> Tensor:
     """Softmax attention over depth, the plain way: stack the sources and attend.
 
-    h = sum_i softmax_i(q . (g * rmsnorm(v_i))) * v_i, per token.
+    h = sum_i softmax_i(q . (g * rmsnorm(v_i)) + bias_i) * v_i, per token; `bias` [sources] masks placeholder
+    slots with -inf (see `state.py`).
     """
     values = torch.stack(sources).float()
     keys = values * inverse_rms(values, eps) * key_weight.float()
-    weights = (keys * query.float()).sum(-1).softmax(0)
+    logits = (keys * query.float()).sum(-1)
+    if bias is not None:
+        logits = logits + bias.view(-1, *(1,) * (logits.dim() - 1))
+    weights = logits.softmax(0)
     if _record is not None:
         _record.append(SiteRecord(weights.detach(), [s.detach() for s in sources]))
     return (weights.unsqueeze(-1) * values).sum(0).to(sources[0].dtype)
@@ -93,13 +99,18 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def block_scores(
-    blocks: list[Tensor], inv_rms: list[Tensor], queries: list[Tensor], key_weights: list[Tensor]
+    blocks: list[Tensor],
+    inv_rms: list[Tensor],
+    queries: list[Tensor],
+    key_weights: list[Tensor],
+    bias: Tensor | None = None,
 ) -> BlockStats:
-    """Phase 1: score the J sublayers of a block against all completed blocks at once (statistics in fp32)."""
+    """Phase 1: score the J sublayers of a block against all completed blocks at once (statistics in fp32).
+    `bias` [blocks], if given, is added to every logit of a block: -inf masks a placeholder slot."""
     weight = torch.stack([q.float() * g.float() for q, g in zip(queries, key_weights)])  # [J, d]
     if not torch.is_grad_enabled():  # nothing to keep; and Dynamo (2.14) mis-binds the inputs of a
-        return _phase_one(weight, blocks, inv_rms)  # Function with *args when grad mode is off
-    return _BlockScores.apply(weight, *blocks, *inv_rms)
+        return _phase_one(weight, bias, blocks, inv_rms)  # Function with *args when grad mode is off
+    return _BlockScores.apply(weight, bias, *blocks, *inv_rms)
 
 
 def merge_partial(stats: BlockStats, k: int, partial: Tensor, query: Tensor, key_weight: Tensor, eps: float) -> Tensor:
@@ -134,12 +145,12 @@ def _weight_grad(grad_logits: Tensor, values: Tensor) -> Tensor:
     return torch.matmul(grad, values.flatten(0, -2)).float()
 
 
-def _phase_one(weight: Tensor, blocks: Sequence[Tensor], inv_rms: Sequence[Tensor]) -> BlockStats:
+def _phase_one(weight: Tensor, bias: Tensor | None, blocks: Sequence[Tensor], inv_rms: Sequence[Tensor]) -> BlockStats:
     """Phase 1's forward: logits per completed block, then the online statistics over all of them."""
     if _on_kernels(blocks[0]):
-        return _kernels.phase_one(weight, list(blocks), list(inv_rms))
+        return _kernels.phase_one(weight, list(blocks), list(inv_rms), bias)
     values = [b.float() for b in blocks]
-    logits = [_keys_dot(v, weight) * r for v, r in zip(values, inv_rms)]
+    logits = [_keys_dot(v, weight) * r + _bias(bias, i) for i, (v, r) in enumerate(zip(values, inv_rms))]
     m = functools.reduce(torch.maximum, logits)
     exps = [torch.exp(x - m) for x in logits]
     weighted = functools.reduce(torch.add, (e.unsqueeze(-1) * v.unsqueeze(-2) for e, v in zip(exps, values)))
@@ -147,47 +158,63 @@ def _phase_one(weight: Tensor, blocks: Sequence[Tensor], inv_rms: Sequence[Tenso
 
 
 def _phase_one_grads(
-    weight: Tensor, m: Tensor, blocks: Sequence[Tensor], inv_rms: Sequence[Tensor], grad_l: Tensor, grad_o: Tensor
+    weight: Tensor,
+    bias: Tensor | None,
+    m: Tensor,
+    blocks: Sequence[Tensor],
+    inv_rms: Sequence[Tensor],
+    grad_l: Tensor,
+    grad_o: Tensor,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """Phase 1's backward: gradients of (weight, each block, each inverse RMS)."""
     if _on_kernels(blocks[0]):
         grad_blocks, grad_rms, coef = _kernels.phase_one_backward(
-            weight, m, list(blocks), list(inv_rms), grad_l, grad_o
+            weight, m, list(blocks), list(inv_rms), grad_l, grad_o, bias
         )
         grad_weight = functools.reduce(torch.add, (_weight_grad(c, b) for c, b in zip(coef, blocks)))
         return grad_weight, grad_blocks, grad_rms
-    grads = [_source_grads(b, r, weight, m, grad_l, grad_o) for b, r in zip(blocks, inv_rms)]
+    grads = [
+        _source_grads(b, r, _bias(bias, i), weight, m, grad_l, grad_o) for i, (b, r) in enumerate(zip(blocks, inv_rms))
+    ]
     return functools.reduce(torch.add, (g[2] for g in grads)), [g[0] for g in grads], [g[1] for g in grads]
 
 
+def _bias(bias: Tensor | None, i: int) -> Tensor | float:
+    return 0.0 if bias is None else bias[i]
+
+
 class _BlockScores(torch.autograd.Function):
-    """Phase 1. Inputs (weight [J, d], *blocks, *inv_rms); outputs BlockStats."""
+    """Phase 1. Inputs (weight [J, d], bias [blocks] or None, *blocks, *inv_rms); outputs BlockStats."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, *blocks_and_rms: Tensor) -> BlockStats:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, weight: Tensor, bias: Tensor | None, *blocks_and_rms: Tensor
+    ) -> BlockStats:
         n = len(blocks_and_rms) // 2
-        stats = _phase_one(weight, blocks_and_rms[:n], blocks_and_rms[n:])
-        ctx.save_for_backward(weight, stats[0], *blocks_and_rms)
+        stats = _phase_one(weight, bias, blocks_and_rms[:n], blocks_and_rms[n:])
+        ctx.save_for_backward(weight, bias, stats[0], *blocks_and_rms)
         ctx.mark_non_differentiable(stats[0])
         return stats
 
     @staticmethod
-    def backward(ctx, _grad_m: Tensor, grad_l: Tensor, grad_o: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
-        weight, m, *blocks_and_rms = ctx.saved_tensors
+    def backward(  # type: ignore[override]
+        ctx, _grad_m: Tensor, grad_l: Tensor, grad_o: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        weight, bias, m, *blocks_and_rms = ctx.saved_tensors
         n = len(blocks_and_rms) // 2
         grad_weight, grad_blocks, grad_rms = _phase_one_grads(
-            weight, m, blocks_and_rms[:n], blocks_and_rms[n:], grad_l, grad_o
+            weight, bias, m, blocks_and_rms[:n], blocks_and_rms[n:], grad_l, grad_o
         )
-        return grad_weight, *grad_blocks, *grad_rms
+        return grad_weight, None, *grad_blocks, *grad_rms
 
 
 def _source_grads(
-    b: Tensor, r: Tensor, weight: Tensor, m: Tensor, grad_l: Tensor, grad_o: Tensor
+    b: Tensor, r: Tensor, bias: Tensor | float, weight: Tensor, m: Tensor, grad_l: Tensor, grad_o: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Phase 1's gradients for one completed block: (block, its inverse RMS, weight contribution)."""
     v = b.float()
     z = _keys_dot(v, weight)
-    e = torch.exp(z * r - m)
+    e = torch.exp(z * r + bias - m)
     grad_x = (grad_l + (grad_o * v.unsqueeze(-2)).sum(-1)) * e
     grad_xr = grad_x * r
     grad_v = (e.unsqueeze(-1) * grad_o + grad_xr.unsqueeze(-1) * weight).sum(-2)

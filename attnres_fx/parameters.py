@@ -42,18 +42,36 @@ class AttnResParameters(nn.Module):
             site.reset_parameters()
 
     def get_extra_state(self) -> Tensor:
-        return torch.tensor(self._settings())
+        return torch.tensor(self._settings()).as_subclass(Settings)
 
     def set_extra_state(self, state: Tensor) -> None:
-        saved = tuple(int(v) for v in state.tolist())
-        if saved != self._settings():
-            raise AttnResError(
-                f"this checkpoint's AttnRes parameters were trained with block_size {saved[0]} over {saved[1]} "
-                f"sublayers; this model was transformed with block_size {self.plan.block_size} over "
-                f"{len(self.plan.sites)} sublayers, so they would compute another function. Transform the model "
-                f"with `attnres_fx.transform(model, block_size={saved[0]})` before loading, or load without the "
-                "`attnres.*` keys to start AttnRes afresh."
-            )
+        check_settings(tuple(int(v) for v in state.tolist()), self._settings())
 
     def _settings(self) -> tuple[int, int]:
         return (self.plan.block_size, len(self.plan.sites))
+
+
+class Settings(Tensor):
+    """`attnres._extra_state`, (block size, sublayers): a tensor to safetensors and `torch.save` (pickled as a plain
+    one), and to `torch.distributed.checkpoint` a Stateful object, so that even a bare in-place
+    `dcp.load(model.state_dict(), ...)`, which calls no method of the model, hands the saved settings to this check."""
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"block_size": self[0].as_subclass(Tensor).clone(), "sublayers": self[1].as_subclass(Tensor).clone()}
+
+    def load_state_dict(self, saved: dict[str, Tensor]) -> None:
+        check_settings((int(saved["block_size"]), int(saved["sublayers"])), tuple(int(v) for v in self.tolist()))
+
+    def __reduce_ex__(self, protocol: int):  # type: ignore[override]
+        return self.as_subclass(Tensor).__reduce_ex__(protocol)
+
+
+def check_settings(saved: tuple[int, ...], current: tuple[int, ...]) -> None:
+    if saved != current:
+        raise AttnResError(
+            f"this checkpoint's AttnRes parameters were trained with block_size {saved[0]} over {saved[1]} "
+            f"sublayers; this model was transformed with block_size {current[0]} over {current[1]} sublayers, so "
+            f"they would compute another function. Transform the model with "
+            f"`attnres_fx.transform(model, block_size={saved[0]})` before loading, or load without the `attnres.*` "
+            "keys to start AttnRes afresh."
+        )

@@ -96,6 +96,7 @@ class Stream:
     final_eps: float
     unnormalized_reads: list[UnnormalizedRead]
     raw_residuals: list[RawResidual]  # `h + f(h)` adds whose branch reads h raw
+    final_readers: tuple[str, ...] = ()  # modules of the norms that read the final stream value
 
 
 def module_path(node: Node) -> str:
@@ -161,7 +162,8 @@ class _StreamFinder:
         for site in chain:
             site.readers = self._norm_readers(site.stream, adds)
         final_eps = self._eps_of_readers(values[-1])
-        return Stream(chain[0].stream, chain, final_eps, self._unnormalized_reads(values, chain), raw_residuals)
+        reads = self._unnormalized_reads(values, chain)
+        return Stream(chain[0].stream, chain, final_eps, reads, raw_residuals, self._norm_readers(values[-1], adds))
 
     # --- one add -------------------------------------------------------------------------------
 

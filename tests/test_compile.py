@@ -47,3 +47,35 @@ def test_compiled_training_step_matches_eager(arch: str) -> None:
     assert {"attnres.site_1.query", "attnres.final.key_weight"} <= grads_c.keys()
     for name in grads_e:
         assert zoo.rel_err(grads_c[name], grads_e[name]) < 1e-5, name
+
+
+def test_per_layer_compile_compiles_each_layer_configuration_once() -> None:
+    """torchtitan's regional compile, `layer.compile(fullgraph=True)` on each of 12 layers: every layer reads state of
+    the same shapes at any depth and is handed its parameters in order, so Dynamo compiles one graph per layer
+    configuration. Blocks of 4 sublayers over 2 per layer: a layer whose first sublayer opens a block, one whose
+    exit does, and the last (which returns the final aggregation). With fullgraph and the recompile limit an error
+    (conftest), no layer can run eagerly."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    tmodel = attnres_fx.transform(zoo.llama(layers=12), num_blocks=6).train()
+    with torch.no_grad():
+        for p in tmodel.attnres.parameters():
+            p.normal_(0, 0.3)
+    eager = copy.deepcopy(tmodel)
+    for layer in tmodel.model.layers:
+        layer.compile(fullgraph=True)
+    ids = zoo.token_ids()
+    counters.clear()
+    grads = []
+    for model in (tmodel, eager):
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    assert counters["stats"]["unique_graphs"] == 3
+    (loss, compiled), (expected_loss, expected) = grads
+    assert zoo.rel_err(loss, expected_loss) < 1e-5
+    assert compiled.keys() == expected.keys()
+    for name, grad in expected.items():
+        assert zoo.rel_err(compiled[name], grad) < 1e-4, name

@@ -1,5 +1,6 @@
-"""FSDP2 on the transformed model: every decoder layer and then the root sharded, 2 processes on gloo, eager and
-compiled; loss and every gradient equal one process's on the whole batch."""
+"""Data, tensor and sequence parallelism around the transformed model, 2 processes on gloo, against one process on
+the whole batch: FSDP2 per layer and root (eager and compiled), torchtitan's TP + SP plan with the depth parameters'
+plan entry; and the orders of calls that are refused."""
 
 import os
 import subprocess
@@ -15,25 +16,24 @@ import attnres_fx
 HERE = Path(__file__).parent
 
 
+def torchrun(worker: str, *args: str) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run(
+        [*cmd, str(HERE / worker), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 @pytest.mark.parametrize("mode", ["eager", pytest.param("compiled", marks=pytest.mark.compile)])
 def test_fsdp2_per_layer_matches_one_process(mode: str, tmp_path: Path) -> None:
     import fsdp_worker
 
     out = tmp_path / "rank0.pt"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(HERE / "fsdp_worker.py"),
-        str(out),
-        mode,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun("fsdp_worker.py", str(out), mode)
     sharded = torch.load(out)
 
     model = fsdp_worker.build()
@@ -45,6 +45,45 @@ def test_fsdp2_per_layer_matches_one_process(mode: str, tmp_path: Path) -> None:
     assert sharded["grads"].keys() == expected.keys() and "attnres.site_1.query" in expected
     for name, grad in expected.items():
         assert zoo.rel_err(sharded["grads"][name], grad) < 1e-5, name
+
+
+def test_sequence_parallel_depth_gradients_are_reduced_over_the_group(tmp_path: Path) -> None:
+    """Each rank attends over depth for its own tokens; with `SequenceParallelDepth` in the plan the `attnres`
+    gradients are summed over the group and equal one process's. Without it they are one rank's share."""
+    import sp_worker
+
+    out = tmp_path / "rank0.pt"
+    torchrun("sp_worker.py", str(out))
+    results = torch.load(out, weights_only=False)
+    model = sp_worker.build()
+    loss = sp_worker.loss_of(model)
+    loss.backward()
+    expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    reduced, alone = results["with SequenceParallelDepth"], results["without"]
+    assert zoo.rel_err(reduced["loss"], loss) < 1e-5
+    assert reduced["grads"].keys() == expected.keys()
+    for name, grad in expected.items():
+        assert zoo.rel_err(reduced["grads"][name], grad) < 1e-5, name
+    assert zoo.rel_err(alone["grads"]["attnres.site_3.query"], expected["attnres.site_3.query"]) > 0.1
+
+
+def test_a_model_parallelized_before_transform_is_refused_with_what_to_do() -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        model = zoo.titan_llama()
+        parallelize_module(model, init_device_mesh("cpu", (1,)), zoo.titan_tp_plan(model))
+        with pytest.raises(
+            attnres_fx.AttnResError,
+            match=r"submodule `tok_embeddings` holds DTensor parameters \(weight\): it was parallelized .* "
+            r"Transform the unwrapped model first",
+        ):
+            attnres_fx.transform(model, (zoo.token_ids(),))
+    finally:
+        dist.destroy_process_group()
 
 
 def test_a_model_sharded_before_transform_is_refused_with_what_to_do() -> None:

@@ -166,15 +166,28 @@ def test_checkpointed_recomputation_belongs_to_its_own_call() -> None:
 
 
 def test_nothing_of_a_call_outlives_its_backward() -> None:
+    """The depth state rides on the tensors between layers (and their autograd nodes, for the copies offloading hands a
+    recomputation): it lives exactly as long as the backward needs it."""
     import gc
+    import weakref
+
+    from attnres_fx import state
 
     tmodel = attnres_fx.transform(zoo.llama()).train()
     tmodel.gradient_checkpointing_enable()
+    held: list[weakref.ref] = []
+
+    def keep_refs(module, args, output):
+        depth = state.find(output, state.DEPTH)
+        held.extend(weakref.ref(x) for x in (depth, *depth.blocks, depth.bias))
+
+    hooks = [layer.register_forward_hook(keep_refs) for layer in tmodel.model.layers[:-1]]
     ids = zoo.token_ids()
-    with torch.autograd.graph.save_on_cpu():  # the recomputation is handed copies: found by value
+    with torch.autograd.graph.save_on_cpu():  # the recomputation is handed copies
         loss = tmodel(input_ids=ids, labels=ids).loss
-    runtime = tmodel.model.layers[0].forward.runtime
-    held = [ref for refs in runtime._recomputable.values() for ref in refs]
+    for h in hooks:
+        h.remove()
+    gc.collect()
     assert held and all(ref() is not None for ref in held)
     loss.backward()
     del loss
@@ -266,7 +279,7 @@ def test_dtype_moves_and_autocast_in_any_order_with_any_call_form(llama_pair) ->
 
 def test_a_failing_call_leaves_grad_mode_as_it_was(llama_pair) -> None:
     _, tmodel = llama_pair
-    with pytest.raises(attnres_fx.AttnResError, match="called without the layers before it"):
+    with pytest.raises(attnres_fx.AttnResError, match="called with a stream input that carries no depth state"):
         tmodel.model.layers[2](torch.randn(2, 16, 64))
     with pytest.raises(Exception):
         tmodel(input_ids=torch.randn(2, 16))

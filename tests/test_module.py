@@ -118,3 +118,20 @@ def test_depth_weights_are_uniform_at_init_and_per_token_on_request(llama_pair) 
         torch.testing.assert_close(w, torch.full_like(w, 1 / site.num_sources))
     per_token = attnres_fx.depth_weights(tmodel, input_ids=ids, per_token=True)
     assert per_token["final"].shape == (tplan.final.num_sources, *ids.shape)
+
+
+def test_a_bare_in_place_dcp_load_checks_the_attnres_settings(tmp_path) -> None:
+    """`dcp.load(model.state_dict(), ...)` writes into the tensors it is given and calls nothing of the model; the
+    settings entry is Stateful to DCP, so a checkpoint of other settings is refused there too."""
+    import torch.distributed.checkpoint as dcp
+
+    saved = attnres_fx.transform(zoo.llama(), block_size=2)
+    with torch.no_grad():
+        saved.attnres.site_3.query.normal_()
+    dcp.save(saved.state_dict(), checkpoint_id=str(tmp_path))
+    same = attnres_fx.transform(zoo.llama(), block_size=2)
+    dcp.load(same.state_dict(), checkpoint_id=str(tmp_path))
+    torch.testing.assert_close(same.attnres.site_3.query, saved.attnres.site_3.query)
+    other = attnres_fx.transform(zoo.llama(), block_size=3)
+    with pytest.raises(attnres_fx.AttnResError, match="trained with block_size 2 over 8 sublayers"):
+        dcp.load(other.state_dict(), checkpoint_id=str(tmp_path))

@@ -403,3 +403,116 @@ class RawHiddenOutput(Residual3D):
         for layer, norm in zip(self.layers, self.norms):
             x = x + layer(norm(x))
         return self.final(x), x
+
+
+class TitanAttention(nn.Module):
+    """torchtitan's attention layout (wq, wk, wv, wo; heads from the projection's width, so it shards by heads)."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.head_dim = d // heads
+        self.wq, self.wk, self.wv = (nn.Linear(d, d, bias=False) for _ in range(3))
+        self.wo = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (w(x).view(b, t, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class TitanFeedForward(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.w1, self.w3 = nn.Linear(d, 2 * d, bias=False), nn.Linear(d, 2 * d, bias=False)
+        self.w2 = nn.Linear(2 * d, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
+class TitanBlock(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.attention_norm, self.ffn_norm = nn.RMSNorm(d, eps=1e-6), nn.RMSNorm(d, eps=1e-6)
+        self.attention, self.feed_forward = TitanAttention(d, heads), TitanFeedForward(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x))
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class TitanLlama(nn.Module):
+    """torchtitan's model shape: its module names, layers in a ModuleDict keyed by index, and a forward that skips the
+    embedding, the final norm and the head when they are None (how its pipeline stages are made: a copy per stage
+    with the other stages' parts removed). Causal attention without positions, so that sequence parallelism needs
+    no position bookkeeping."""
+
+    def __init__(self, d: int = 64, layers: int = 4, heads: int = 4, vocab: int = VOCAB):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleDict({str(i): TitanBlock(d, heads) for i in range(layers)})
+        self.norm = nn.RMSNorm(d, eps=1e-6)
+        self.output = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        for layer in self.layers.values():
+            h = layer(h)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h
+
+
+def titan_tp_plan(model: nn.Module) -> dict:
+    """torchtitan's tensor + sequence parallel plan for its Llama (parallelize_llama's `apply_tp`)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+    )
+
+    plan = {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "norm": SequenceParallel(),
+        "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+    }
+    for name in model.layers:
+        layer = {
+            "attention_norm": SequenceParallel(),
+            "attention": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            "feed_forward.w3": ColwiseParallel(),
+        }
+        plan.update({f"layers.{name}.{k}": v for k, v in layer.items()})
+    return plan
+
+
+def titan_llama(layers: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    return unit_scale_(TitanLlama(layers=layers)).eval()
+
+
+def titan_stage(model: nn.Module, start: int, stop: int) -> nn.Module:
+    """A torchtitan-style stage: a copy of `model` with the layers outside [start, stop) removed, the embedding kept
+    only in the first stage, the final norm and head only in the last."""
+    import copy
+
+    stage = copy.deepcopy(model)
+    count = len(stage.layers)
+    for i in range(count):
+        if not start <= i < stop:
+            del stage.layers[str(i)]
+    if start > 0:
+        stage.tok_embeddings = None
+    if stop < count:
+        stage.norm, stage.output = None, None
+    return stage

@@ -1,0 +1,121 @@
+"""The depth state: what the layers of a transformed model hand each other, riding on the stream tensor.
+
+A layer returns, in place of the stream, the depth mix that the next sublayer reads, and that tensor carries the
+Block AttnRes state as a Python attribute: the completed blocks, the current block's partial sum and the phase-1
+scores of the current block. Because the state travels with the data, every call, microbatch and thread has its own,
+a recomputation in the backward (activation checkpointing) finds it on the input it is handed, and a pipeline stage
+sends it on as tensors (`pipeline.py`). Saved-tensor hooks (offloading) hand a recomputation a copy, which has no
+attributes but keeps the original's autograd node: the state is kept on that node too.
+
+Shapes do not grow with depth: the bank of completed blocks has a fixed number of slots (the most any sublayer
+reads), the empty ones zero placeholders that a bias of -inf masks out. So a layer compiled on its own (per-layer
+compile) sees inputs of the same shapes at every depth and compiles once per layer configuration. Outside compiled
+code the number of filled slots is known, and only those are read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+DEPTH = "_attnres_depth"  # on the stream tensor between layers: its DepthState
+CALL = "_attnres_call"  # on the tensor a layer's forward is handed: the layer call (see `hooks.py`)
+
+
+@dataclass
+class BlockScores:
+    """Phase 1 of the open block for some of its sublayers, those at `positions` in the block (in stats order)."""
+
+    positions: tuple[int, ...]
+    stats: ops.BlockStats
+
+
+@dataclass
+class DepthState:
+    """The stream between two layers."""
+
+    blocks: tuple[Tensor, ...]  # every slot: placeholders first, then the stream start and the completed blocks
+    bias: Tensor  # [slots] fp32: 0 where a slot holds a source, -inf where it holds a placeholder
+    inv_rms: dict[float, tuple[Tensor, ...]]  # per key-norm eps, per slot (two-phase only)
+    partial: Tensor | None  # the current block's partial sum; None right after a block completed
+    filled: int | None  # how many slots hold sources, where known (not in states made by compiled code)
+    scores: dict[float, BlockScores] | None  # per eps: the open block's phase 1; taken by the layer that reads it
+
+    def sources(self, eps: float | None = None) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+        """(blocks, their inverse RMS for `eps`, bias): the filled slots alone where their number is known, else
+        every slot with the bias that masks the placeholders."""
+        rms = list(self.inv_rms[eps]) if eps is not None else []
+        n = self._known_filled()
+        if n is None:
+            return list(self.blocks), rms, self.bias
+        return list(self.blocks[-n:]), rms[-n:], None
+
+    def completed(self, block: Tensor, eps: tuple[float, ...]) -> DepthState:
+        """The state after `block` completed: it takes the newest slot; the oldest placeholder is dropped."""
+        inv_rms = {e: (*self.inv_rms[e][1:], ops.inverse_rms(block, e)) for e in eps}
+        bias = torch.cat([self.bias[1:], self.bias.new_zeros(1)])
+        n = self._known_filled()
+        return DepthState((*self.blocks[1:], block), bias, inv_rms, None, None if n is None else n + 1, None)
+
+    def moved(self, partial: Tensor | None, scores: dict[float, BlockScores] | None) -> DepthState:
+        """This bank with the current block's partial sum and phase 1: what a layer hands the next."""
+        return DepthState(self.blocks, self.bias, self.inv_rms, partial, self._known_filled(), scores)
+
+    def _known_filled(self) -> int | None:
+        """`filled`, never read by compiled code: a layer compiled on its own would specialise on it."""
+        return None if torch.compiler.is_compiling() else self.filled
+
+
+def from_sources(sources: list[Tensor], slots: int, eps: tuple[float, ...], partial: Tensor | None) -> DepthState:
+    """A state holding `sources` (the stream start and the completed blocks, oldest first) and `partial`."""
+    empty = slots - len(sources)
+    like = sources[0]
+    zeros = like.new_zeros(like.shape)
+    inv_rms = {}
+    for e in eps:
+        rms = ops.inverse_rms(zeros, e)
+        inv_rms[e] = (*(tracked(rms, like) for _ in range(empty)), *(ops.inverse_rms(s, e) for s in sources))
+    bias = torch.zeros(slots, device=like.device)
+    bias[:empty] = float("-inf")
+    placeholders = tuple(tracked(zeros, like) for _ in range(empty))
+    filled = None if torch.compiler.is_compiling() else len(sources)
+    return DepthState((*placeholders, *sources), bias, inv_rms, partial, filled, None)
+
+
+def attach(x: Tensor, value: object, key: str) -> None:
+    """Let `x` carry `value` under `key` (and its autograd node, for copies made by saved-tensor hooks). `value` must
+    hold only what `x` was computed from, or things beside it: no reference cycle through the autograd graph."""
+    setattr(x, key, value)
+    if not torch.compiler.is_compiling() and x.grad_fn is not None:
+        x.grad_fn.metadata[key] = value
+
+
+def find(x: Tensor, key: str) -> Any:
+    """What `x` carries under `key`, if anything."""
+    value = getattr(x, key, None)
+    if value is None and x._is_view() and x._base.shape == x.shape:  # an alias made on the way (by a backward hook)
+        value = getattr(x._base, key, None)
+    if value is None and not torch.compiler.is_compiling() and x.grad_fn is not None:
+        value = x.grad_fn.metadata.get(key)
+    return value
+
+
+def tracked(value: Tensor, like: Tensor) -> Tensor:
+    """A view of `value` that autograd tracks as it tracks `like` (it requires grad, with a node of its own that a
+    copy keeps), and that passes no gradient back: placeholders, and the zeros a layer that opens a block is handed."""
+    return _Tracked.apply(value, like)
+
+
+class _Tracked(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value: Tensor, like: Tensor) -> Tensor:  # type: ignore[override]
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, None]:  # type: ignore[override]
+        return None, None
