@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch._dynamo.eval_frame import OptimizedModule
 from torch.distributed.tensor import DTensor
 
 from . import ops, state
@@ -71,7 +72,7 @@ class DepthRuntime:
     ):
         self.plan, self.layers, self.params, self.two_phase = plan, layers, params, two_phase
         self.start_path, self.final_norms = start, final_norms  # where the stream starts, what reads its end
-        self.slots = plan.final.num_completed  # the most completed sources any sublayer reads
+        self.slots = plan.final.num_completed  # the most completed sources any sublayer reads: a fixed bank's size
         self.key_eps = tuple(sorted({s.eps for s in plan.parametrised})) if two_phase else ()
         self._local = threading.local()  # .call: the layer call in progress on this thread
 
@@ -88,7 +89,10 @@ class DepthRuntime:
         for layout in self.layers:
             module = model.get_submodule(layout.path)
             program, params = self._program(layout)
-            module.forward = _DepthForward(self, module, programs.setdefault(program, program), params, layout)
+            parent, _, key = layout.path.rpartition(".")
+            container = (model.get_submodule(parent), key)
+            program = programs.setdefault(program, program)
+            module.forward = _DepthForward(self, module, program, params, layout, container)
             forwards.append(module.forward)
             for path, site in layout.readers:
                 hook = functools.partial(self.read, site - layout.first_site)
@@ -193,10 +197,19 @@ class DepthRuntime:
 
     def start(self, x: Tensor, first: _DepthForward) -> DepthState:
         """The state at the stream's start `x`, with the first block scored for the sublayers after the first."""
-        depth = state.from_sources([x], self.slots, self.key_eps, None)
-        if self._uses_two_phase():  # the whole block, as where any other block opens: the same shapes follow
-            depth.scores = self._score(depth, first.program, first.params, 0)
+        exact = state.from_sources([x], self.key_eps, None)
+        slots = self.bank_slots(first)
+        depth = exact if slots is None else state.from_sources([x], self.key_eps, None, slots)
+        if self._uses_two_phase():  # the whole block, as where any other block opens, from the start alone
+            depth.scores = self._score(exact, first.program, first.params, 0)
         return depth
+
+    def bank_slots(self, first: _DepthForward) -> int | None:
+        """The fixed size of the bank where the layer the state starts in is compiled on its own (`layer.compile()`,
+        or `torch.compile(layer)` in its container), else None: the bank holds the blocks alone."""
+        module, (container, key) = first.module, first.container
+        alone = module._compiled_call_impl is not None or isinstance(container._modules.get(key), OptimizedModule)
+        return self.slots if alone else None
 
     def _mix_inside(self, call: _LayerCall, offset: int, stream: Tensor) -> Tensor:
         """The mix that sublayer `offset` reads, given the stream value inside the layer (partial sums since the
@@ -298,8 +311,10 @@ class _DepthForward:
         program: LayerProgram,
         params: tuple[SiteParameters, ...],
         layout: LayerLayout,
+        container: tuple[nn.Module, str],
     ):
         self.runtime, self.module, self.program, self.params, self.layout = runtime, module, program, params, layout
+        self.container = container  # the module that holds the layer, and its key there
         self.opens_stream = layout.first_site == 0
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

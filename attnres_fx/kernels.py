@@ -8,7 +8,8 @@ is imported), which is how the tests check them.
 Memory traffic is what they save: phase 1 reads every completed block once for all J sublayers of a block (the J
 programs of a row tile run side by side and share the tile through the cache) and keeps the running statistics in
 registers; the merge reads the partial sum and the phase-1 row once. Statistics are fp32; the blocks, the partial
-sum, the weighted sum and the output are in the model's dtype. The weight gradients are per-token coefficients here,
+sum, the weighted sum and the output are in the model's dtype. A per-slot bias of -inf marks a placeholder of a
+fixed-size bank (per-layer compile, `state.py`): phase 1 and its backward skip it without reading it. The weight gradients are per-token coefficients here,
 reduced over tokens by one matmul in `ops.py` (cuBLAS), which keeps the kernels free of atomics.
 """
 
@@ -49,13 +50,16 @@ def _slot_bias(s_ptr, i, HAS_BIAS: tl.constexpr):
 
 @triton.jit
 def _fold_block(b_ptr, r_ptr, bias, rows, cols, row_mask, mask, D, w, m, l, acc):
-    """Online softmax: add one completed block's scores and values to the running (max, sum, weighted sum)."""
-    v = tl.load(b_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    r = tl.load(r_ptr + rows, mask=row_mask, other=0.0)
-    x = tl.sum(v * w[None, :], 1) * r + bias
-    top = tl.maximum(m, x)
-    alpha, beta = tl.exp(m - top), tl.exp(x - top)
-    return top, l * alpha + beta, acc * alpha[:, None] + beta[:, None] * v
+    """Online softmax: add one completed block's scores and values to the running (max, sum, weighted sum). A
+    placeholder slot (bias -inf, see `state.py`) adds nothing and is not read."""
+    if bias > float("-inf"):
+        v = tl.load(b_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + rows, mask=row_mask, other=0.0)
+        x = tl.sum(v * w[None, :], 1) * r + bias
+        top = tl.maximum(m, x)
+        alpha, beta = tl.exp(m - top), tl.exp(x - top)
+        m, l, acc = top, l * alpha + beta, acc * alpha[:, None] + beta[:, None] * v
+    return m, l, acc
 
 
 # fmt: off
@@ -107,22 +111,27 @@ def _phase_one_kernel(
 def _block_grads(
     b_ptr, r_ptr, bias, gb_ptr, gr_ptr, c_ptr, w_ptr, m_ptr, gl_ptr, go_ptr, rows, cols, row_mask, mask, D, J
 ):
-    """One completed block's gradients (block, inverse RMS) and its weight-gradient coefficients, over all J."""
+    """One completed block's gradients (block, inverse RMS) and its weight-gradient coefficients, over all J. Those of
+    a placeholder slot (bias -inf) are zeros, written without reading anything."""
     tile = rows[:, None] * D + cols[None, :]
-    v = tl.load(b_ptr + tile, mask=mask, other=0.0).to(tl.float32)
-    r = tl.load(r_ptr + rows, mask=row_mask, other=0.0)
-    grad_v = tl.zeros(v.shape, tl.float32)
-    grad_r = tl.zeros(r.shape, tl.float32)
-    for j in range(J):
-        w = tl.load(w_ptr + j * D + cols, mask=cols < D, other=0.0)
-        stat = rows * J + j
-        go = tl.load(go_ptr + stat[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        z = tl.sum(v * w[None, :], 1)
-        e = tl.exp(z * r + bias - tl.load(m_ptr + stat, mask=row_mask, other=0.0))
-        grad_x = (tl.load(gl_ptr + stat, mask=row_mask, other=0.0) + tl.sum(go * v, 1)) * e
-        grad_v += e[:, None] * go + (grad_x * r)[:, None] * w[None, :]
-        grad_r += grad_x * z
-        tl.store(c_ptr + stat, grad_x * r, mask=row_mask)
+    grad_v = tl.zeros(mask.shape, tl.float32)
+    grad_r = tl.zeros(row_mask.shape, tl.float32)
+    if bias > float("-inf"):
+        v = tl.load(b_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + rows, mask=row_mask, other=0.0)
+        for j in range(J):
+            w = tl.load(w_ptr + j * D + cols, mask=cols < D, other=0.0)
+            stat = rows * J + j
+            go = tl.load(go_ptr + stat[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            z = tl.sum(v * w[None, :], 1)
+            e = tl.exp(z * r + bias - tl.load(m_ptr + stat, mask=row_mask, other=0.0))
+            grad_x = (tl.load(gl_ptr + stat, mask=row_mask, other=0.0) + tl.sum(go * v, 1)) * e
+            grad_v += e[:, None] * go + (grad_x * r)[:, None] * w[None, :]
+            grad_r += grad_x * z
+            tl.store(c_ptr + stat, grad_x * r, mask=row_mask)
+    else:
+        for j in range(J):
+            tl.store(c_ptr + rows * J + j, grad_r, mask=row_mask)
     tl.store(gb_ptr + tile, grad_v.to(gb_ptr.dtype.element_ty), mask=mask)
     tl.store(gr_ptr + rows, grad_r, mask=row_mask)
 

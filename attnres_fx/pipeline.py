@@ -66,8 +66,8 @@ def pipeline_stage(module: nn.Module, call: Callable[[Tensor], Tensor] | None = 
                 f"the layers of this stage are not consecutive: `{a.path}` ends at sublayer {a.end_site - 1} and the "
                 f"next one held, `{b.path}`, starts at {b.first_site}. A stage holds one run of layers."
             )
-    runtime = forwards[0].runtime
-    setattr(module, _STAGE, _StageForward(runtime, call or module.forward, layouts[0].first_site, layouts[-1].end_site))
+    first = min(forwards, key=lambda f: f.layout.first_site)
+    setattr(module, _STAGE, _StageForward(first, call or module.forward, layouts[-1].end_site))
     module.forward = getattr(module, _STAGE)
     return module
 
@@ -75,10 +75,11 @@ def pipeline_stage(module: nn.Module, call: Callable[[Tensor], Tensor] | None = 
 class _StageForward:
     """A stage module's forward: (x, *state in) -> (hidden, *state out)."""
 
-    def __init__(self, runtime: DepthRuntime, call: Callable[[Tensor], Tensor], entry: int, exit: int):
-        self.runtime, self.call = runtime, call
-        self.entry, self.exit = _boundary(runtime, entry), _boundary(runtime, exit)
-        self.first, self.last = entry == 0, exit == len(runtime.plan.sites)
+    def __init__(self, first: _DepthForward, call: Callable[[Tensor], Tensor], exit: int):
+        self.runtime, self.first_layer, self.call = first.runtime, first, call
+        entry = first.layout.first_site
+        self.entry, self.exit = _boundary(self.runtime, entry), _boundary(self.runtime, exit)
+        self.first, self.last = entry == 0, exit == len(self.runtime.plan.sites)
         self.cache: _BlockCache | None = None  # set by `pipeline_stages`
         self.index = -1  # the stage index, where a cache is kept
 
@@ -111,7 +112,8 @@ class _StageForward:
             )
         kept = self.cache.reuse(self.index, boundary.cached) if boundary.cached else []
         partial = received[count] if boundary.partial else None
-        return state.from_sources([*kept, *received[:count]], self.runtime.slots, self.runtime.key_eps, partial)
+        slots = self.runtime.bank_slots(self.first_layer)
+        return state.from_sources([*kept, *received[:count]], self.runtime.key_eps, partial, slots)
 
 
 def _boundary(runtime: DepthRuntime, site: int) -> _Boundary:

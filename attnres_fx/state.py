@@ -7,10 +7,10 @@ a recomputation in the backward (activation checkpointing) finds it on the input
 sends it on as tensors (`pipeline.py`). Saved-tensor hooks (offloading) hand a recomputation a copy, which has no
 attributes but keeps the original's autograd node: the state is kept on that node too.
 
-Shapes do not grow with depth: the bank of completed blocks has a fixed number of slots (the most any sublayer
-reads), the empty ones zero placeholders that a bias of -inf masks out. So a layer compiled on its own (per-layer
-compile) sees inputs of the same shapes at every depth and compiles once per layer configuration. Outside compiled
-code the number of filled slots is known, and only those are read.
+Where layers are compiled one by one (per-layer compile), what crosses a layer boundary must not grow with depth:
+the bank of completed blocks then has a fixed number of slots (the most any sublayer reads), the empty ones zero
+placeholders that a bias of -inf masks out, so every layer of one configuration sees inputs of the same shapes and
+compiles once. Elsewhere (eager, the whole model compiled) the bank holds the blocks alone.
 """
 
 from __future__ import annotations
@@ -39,52 +39,45 @@ class BlockScores:
 class DepthState:
     """The stream between two layers."""
 
-    blocks: tuple[Tensor, ...]  # every slot: placeholders first, then the stream start and the completed blocks
-    bias: Tensor  # [slots] fp32: 0 where a slot holds a source, -inf where it holds a placeholder
+    blocks: tuple[Tensor, ...]  # the stream start and the completed blocks, oldest first (after placeholders)
     inv_rms: dict[float, tuple[Tensor, ...]]  # per key-norm eps, per slot (two-phase only)
     partial: Tensor | None  # the current block's partial sum; None right after a block completed
-    filled: int | None  # how many slots hold sources, where known (not in states made by compiled code)
-    scores: dict[float, BlockScores] | None  # per eps: the open block's phase 1; taken by the layer that reads it
+    scores: dict[float, BlockScores] | None  # per eps: the open block's phase 1
+    bias: Tensor | None = None  # a fixed-size bank's [slots] fp32 mask: 0 for a source, -inf for a placeholder
 
     def sources(self, eps: float | None = None) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
-        """(blocks, their inverse RMS for `eps`, bias): the filled slots alone where their number is known, else
-        every slot with the bias that masks the placeholders."""
-        rms = list(self.inv_rms[eps]) if eps is not None else []
-        n = self._known_filled()
-        if n is None:
-            return list(self.blocks), rms, self.bias
-        return list(self.blocks[-n:]), rms[-n:], None
+        """(blocks, their inverse RMS for `eps`, the bias that masks placeholders, if any)."""
+        return list(self.blocks), list(self.inv_rms[eps]) if eps is not None else [], self.bias
 
     def completed(self, block: Tensor, eps: tuple[float, ...]) -> DepthState:
-        """The state after `block` completed: it takes the newest slot; the oldest placeholder is dropped."""
-        inv_rms = {e: (*self.inv_rms[e][1:], ops.inverse_rms(block, e)) for e in eps}
-        bias = torch.cat([self.bias[1:], self.bias.new_zeros(1)])
-        n = self._known_filled()
-        return DepthState((*self.blocks[1:], block), bias, inv_rms, None, None if n is None else n + 1, None)
+        """The state after `block` completed: the newest slot; a fixed-size bank drops its oldest placeholder."""
+        drop = 0 if self.bias is None else 1
+        inv_rms = {e: (*self.inv_rms[e][drop:], ops.inverse_rms(block, e)) for e in eps}
+        bias = None if self.bias is None else torch.cat([self.bias[1:], self.bias.new_zeros(1)])
+        return DepthState((*self.blocks[drop:], block), inv_rms, None, None, bias)
 
     def moved(self, partial: Tensor | None, scores: dict[float, BlockScores] | None) -> DepthState:
         """This bank with the current block's partial sum and phase 1: what a layer hands the next."""
-        return DepthState(self.blocks, self.bias, self.inv_rms, partial, self._known_filled(), scores)
-
-    def _known_filled(self) -> int | None:
-        """`filled`, never read by compiled code: a layer compiled on its own would specialise on it."""
-        return None if torch.compiler.is_compiling() else self.filled
+        return DepthState(self.blocks, self.inv_rms, partial, scores, self.bias)
 
 
-def from_sources(sources: list[Tensor], slots: int, eps: tuple[float, ...], partial: Tensor | None) -> DepthState:
-    """A state holding `sources` (the stream start and the completed blocks, oldest first) and `partial`."""
-    empty = slots - len(sources)
-    like = sources[0]
+def from_sources(
+    sources: list[Tensor], eps: tuple[float, ...], partial: Tensor | None, slots: int | None = None
+) -> DepthState:
+    """A state holding `sources` (the stream start and the completed blocks, oldest first) and `partial`; with
+    `slots`, a fixed-size bank of that many."""
+    inv_rms = {e: tuple(ops.inverse_rms(s, e) for s in sources) for e in eps}
+    if slots is None:
+        return DepthState(tuple(sources), inv_rms, partial, None)
+    empty, like = slots - len(sources), sources[0]
     zeros = like.new_zeros(like.shape)
-    inv_rms = {}
     for e in eps:
         rms = ops.inverse_rms(zeros, e)
-        inv_rms[e] = (*(tracked(rms, like) for _ in range(empty)), *(ops.inverse_rms(s, e) for s in sources))
+        inv_rms[e] = (*(tracked(rms, like) for _ in range(empty)), *inv_rms[e])
     bias = torch.zeros(slots, device=like.device)
     bias[:empty] = float("-inf")
     placeholders = tuple(tracked(zeros, like) for _ in range(empty))
-    filled = None if torch.compiler.is_compiling() else len(sources)
-    return DepthState((*placeholders, *sources), bias, inv_rms, partial, filled, None)
+    return DepthState((*placeholders, *sources), inv_rms, partial, None, bias)
 
 
 def attach(x: Tensor, value: object, key: str) -> None:

@@ -2,30 +2,14 @@
 the whole batch: FSDP2 per layer and root (eager and compiled), torchtitan's TP + SP plan with the depth parameters'
 plan entry; and the orders of calls that are refused."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import zoo
+from launch import torchrun
 
 import attnres_fx
-
-HERE = Path(__file__).parent
-
-
-def torchrun(worker: str, *args: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    done = subprocess.run(
-        [*cmd, str(HERE / worker), *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("mode", ["eager", pytest.param("compiled", marks=pytest.mark.compile)])
@@ -65,6 +49,23 @@ def test_sequence_parallel_depth_gradients_are_reduced_over_the_group(tmp_path: 
     for name, grad in expected.items():
         assert zoo.rel_err(reduced["grads"][name], grad) < 1e-5, name
     assert zoo.rel_err(alone["grads"]["attnres.site_3.query"], expected["attnres.site_3.query"]) > 0.1
+
+
+def test_fsdp2_over_tensor_and_sequence_parallel_on_a_2x2_mesh_and_dcp(tmp_path: Path) -> None:
+    """The depth parameters replicated over tp (their gradients summed there) and sharded over dp: loss and every
+    gradient equal one process's; a DCP checkpoint of the sharded state dict restores them."""
+    import sp_worker
+
+    out = tmp_path / "rank0.pt"
+    torchrun("fsdp_tp_worker.py", str(out), str(tmp_path / "checkpoint"), processes=4)
+    result = torch.load(out, weights_only=False)
+    model = sp_worker.build()
+    loss = sp_worker.loss_of(model)
+    loss.backward()
+    assert zoo.rel_err(result["loss"], loss) < 1e-5
+    for name, p in model.named_parameters():
+        assert zoo.rel_err(result["grads"][name], p.grad) < 1e-5, name
+    assert result["restored"]
 
 
 def test_a_model_parallelized_before_transform_is_refused_with_what_to_do() -> None:

@@ -60,10 +60,14 @@ def block_inputs(lead, d, completed, sublayers, dtype, values_in):
     return blocks, partials, queries, key_weights, cotangents
 
 
-def two_phase_block(blocks, partials, queries, key_weights, cotangents):
-    """One block's sublayer inputs through the ops, and the gradients of a random projection of them."""
-    inv_rms = [ops.inverse_rms(b, EPS) for b in blocks]
-    stats = ops.block_scores(blocks, inv_rms, queries, key_weights)
+def two_phase_block(blocks, partials, queries, key_weights, cotangents, empty=0):
+    """One block's sublayer inputs through the ops, and the gradients of a random projection of them. With `empty`,
+    phase 1 also reads that many zero placeholders before the blocks, masked by a -inf bias (a layer's fixed-size
+    bank, see `state.py`)."""
+    slots = [torch.zeros_like(blocks[0]) for _ in range(empty)] + blocks
+    inv_rms = [ops.inverse_rms(b, EPS) for b in slots]
+    bias = torch.tensor([float("-inf")] * empty + [0.0] * len(blocks), device=DEVICE) if empty else None
+    stats = ops.block_scores(slots, inv_rms, queries, key_weights, bias)
     outs = [ops.completed_only(stats, 0, blocks[0])]
     outs += [ops.merge_partial(stats, k, p, queries[k], key_weights[k], EPS) for k, p in enumerate(partials, 1)]
     leaves = [*blocks, *partials, *queries, *key_weights]
@@ -77,10 +81,10 @@ def err(a, b) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1.0)).item()
 
 
-def run(route, use_kernels, case, dtype, values_in=None):
+def run(route, use_kernels, case, dtype, values_in=None, empty=0):
     """The block on the kernels or on the torch code; checks that exactly the kernels it needs ran (or none)."""
     route(use_kernels)
-    result = two_phase_block(*block_inputs(*case, dtype, values_in or dtype))
+    result = two_phase_block(*block_inputs(*case, dtype, values_in or dtype), empty=empty)
     sublayers = case[-1]
     assert route.launched == ((PHASE_ONE | (MERGE if sublayers > 1 else set())) if use_kernels else set())
     return result
@@ -90,6 +94,20 @@ def run(route, use_kernels, case, dtype, values_in=None):
 def test_kernels_equal_torch_ops_fp32(on_kernels, case) -> None:
     outs, grads = run(on_kernels, True, case, torch.float32)
     ref_outs, ref_grads = run(on_kernels, False, case, torch.float32)
+    for out, ref in zip(outs, ref_outs):
+        assert err(out, ref) < 1e-5
+    for grad, ref in zip(grads, ref_grads, strict=True):
+        assert err(grad, ref) < 1e-5
+
+
+@pytest.mark.parametrize("use_kernels", [True, False], ids=["kernels", "torch"])
+@pytest.mark.parametrize("case", [CASES["ragged-d96"], CASES["two-launches-block-size-3"]], ids=["one", "two launches"])
+def test_masked_placeholder_slots_change_nothing(on_kernels, use_kernels, case) -> None:
+    """Placeholders before the blocks (the oldest slots, as in the bank), masked: the same outputs and gradients as the
+    blocks alone, on the kernels (which fold the newest slot first, so their running max starts finite) and the torch
+    code; with more slots than one launch reads, the bias of each launch's own blocks."""
+    outs, grads = run(on_kernels, use_kernels, case, torch.float32, empty=kernels.MAX_BLOCKS - 1)
+    ref_outs, ref_grads = run(on_kernels, use_kernels, case, torch.float32)
     for out, ref in zip(outs, ref_outs):
         assert err(out, ref) < 1e-5
     for grad, ref in zip(grads, ref_grads, strict=True):

@@ -4,18 +4,14 @@ Stages are HF copies (`pipeline_split`) or torchtitan-style copies (`pipeline_st
 1F1B and interleaved 1F1B (2 stages per rank, naive and with cross-stage caching); in one process, stages of
 different microbatches interleave."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import zoo
+from launch import torchrun
 
 import attnres_fx
-
-HERE = Path(__file__).parent
 
 
 def one_process(kind: str) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
@@ -34,10 +30,7 @@ def one_process(kind: str) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]
 
 def launch(tmp_path: Path, kind: str, configs: list[str]) -> dict:
     out = tmp_path / f"{kind}.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += [str(HERE / "pp_worker.py"), str(out), kind, *configs]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun("pp_worker.py", str(out), kind, *configs)
     return torch.load(out, weights_only=False)
 
 
