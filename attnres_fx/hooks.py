@@ -244,7 +244,7 @@ class DepthRuntime:
             return ops.depth_attention(blocks, query, key_weight, eps, bias)
         position = program.position(offset)
         if call.scores is None or eps not in call.scores or position not in call.scores[eps].positions:
-            call.scores = self._score(depth, program, call.params, offset)  # a recomputation, or a stage's start
+            call.scores = self._score(depth, program, call.params, offset)  # a pipeline stage's start
         scores = call.scores[eps]
         k = scores.positions.index(position)
         if partial is None:
@@ -289,12 +289,11 @@ class _LayerCall:
     def __init__(self, started: _LayerEntry):
         self.started = started
         self.program, self.params, self.mix_in = started.forward.program, started.forward.params, started.mix_in
-        self.entry = started.depth
         self.restart()
 
     def restart(self) -> None:
-        self.depth: DepthState = self.entry
-        self.scores: dict[float, BlockScores] | None = self.entry.scores
+        self.depth: DepthState = self.started.depth
+        self.scores: dict[float, BlockScores] | None = self.started.depth.scores
         self.base: Tensor | None = None  # the stream value where a block ended inside the layer
         self.cached: tuple[int, Tensor, Tensor] | None = None  # (offset, norm input, its mix)
 

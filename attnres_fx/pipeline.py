@@ -260,11 +260,23 @@ def pipeline_split(model: nn.Module, num_stages: int) -> list[nn.Module]:
 
 def _layouts(model: nn.Module) -> list[Any]:
     forwards = [m.forward for m in model.modules() if isinstance(m.forward, _DepthForward)]
+    otherwise = (
+        "For other models copy the model per stage, remove the other stages' layers and wrap each copy with "
+        "`attnres_fx.pipeline_stage(copy, call)`."
+    )
     if not forwards or not hf.is_pipelinable(model):
         raise AttnResError(
-            f"pipeline_split takes a transformed Hugging Face model with a `base_model` that accepts `inputs_embeds` "
-            f"(got {type(model).__name__}); for other models copy the model per stage, remove the other stages' "
-            "layers and wrap each copy with `attnres_fx.pipeline_stage(copy, call)`."
+            "pipeline_split takes a transformed Hugging Face model with a `base_model` that accepts `inputs_embeds` "
+            f"(got {type(model).__name__}). {otherwise}"
+        )
+    embeddings = next((path for path, m in model.named_modules() if m is model.get_input_embeddings()), None)
+    start = forwards[0].runtime.start_path
+    if start is None or start != embeddings:
+        raise AttnResError(
+            f"{type(model).__name__}: the first layer does not read the input embeddings as they are (its forward "
+            f"computes the stream from them{', in `' + start + '`' if start else ''}: position embeddings, a scale), "
+            "so a later stage could not hand its input back as `inputs_embeds` without that being applied again. "
+            f"{otherwise}"
         )
     return sorted((f.layout for f in forwards), key=lambda layout: layout.first_site)
 

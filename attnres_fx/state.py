@@ -70,13 +70,12 @@ def from_sources(
     if slots is None:
         return DepthState(tuple(sources), inv_rms, partial, None)
     empty, like = slots - len(sources), sources[0]
-    zeros = like.new_zeros(like.shape)
+    # one allocation each: placeholders that share storage are one tensor to a compiled layer's autograd Functions
+    placeholders = tuple(tracked(like.new_zeros(like.shape), like) for _ in range(empty))
     for e in eps:
-        rms = ops.inverse_rms(zeros, e)
-        inv_rms[e] = (*(tracked(rms, like) for _ in range(empty)), *inv_rms[e])
+        inv_rms[e] = (*(tracked(ops.inverse_rms(p, e), like) for p in placeholders), *inv_rms[e])
     bias = torch.zeros(slots, device=like.device)
     bias[:empty] = float("-inf")
-    placeholders = tuple(tracked(zeros, like) for _ in range(empty))
     return DepthState((*placeholders, *sources), inv_rms, partial, None, bias)
 
 
@@ -91,8 +90,9 @@ def attach(x: Tensor, value: object, key: str) -> None:
 def find(x: Tensor, key: str) -> Any:
     """What `x` carries under `key`, if anything."""
     value = getattr(x, key, None)
-    if value is None and x._is_view() and x._base.shape == x.shape:  # an alias made on the way (by a backward hook)
-        value = getattr(x._base, key, None)
+    base = x._base if value is None else None
+    if base is not None and base.shape == x.shape:  # an alias made on the way (by a backward hook, by FSDP2)
+        value = getattr(base, key, None)
     if value is None and not torch.compiler.is_compiling() and x.grad_fn is not None:
         value = x.grad_fn.metadata.get(key)
     return value

@@ -1,8 +1,8 @@
 """One rank of the FSDP2 check (run by tests/test_distributed.py under torchrun, 2 processes on gloo).
 
 Builds the tiny Llama, transforms it, sets the same random pseudo-queries as the test, shards every decoder layer
-and then the root with `fully_shard`, runs one training step on this rank's half of the batch and saves the loss and
-every full gradient from rank 0.
+(compiled on its own, in the per-layer mode) and then the root with `fully_shard`, runs one training step on this
+rank's half of the batch and saves the loss and every full gradient from rank 0.
 """
 
 import os
@@ -33,17 +33,20 @@ def batch() -> torch.Tensor:
     return zoo.token_ids(4, 16, seed=5)
 
 
-def main(out_path: str, compiled: bool) -> None:
+def main(out_path: str, mode: str) -> None:
+    """`mode`: eager, compiled (the whole model) or per-layer (each layer compiled, then sharded: torchtitan's way)."""
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     model = build()
     mesh = init_device_mesh("cpu", (world,))
     for layer in model.model.layers:
+        if mode == "per-layer":
+            layer.compile(fullgraph=True)
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     ids = batch().chunk(world)[rank]
-    call = torch.compile(model) if compiled else model
+    call = torch.compile(model) if mode == "compiled" else model
     loss = call(input_ids=ids, labels=ids).loss
     loss.backward()
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
@@ -56,4 +59,4 @@ def main(out_path: str, compiled: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] == "compiled")
+    main(sys.argv[1], sys.argv[2])

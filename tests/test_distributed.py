@@ -12,7 +12,9 @@ from launch import torchrun
 import attnres_fx
 
 
-@pytest.mark.parametrize("mode", ["eager", pytest.param("compiled", marks=pytest.mark.compile)])
+@pytest.mark.parametrize(
+    "mode", ["eager", *(pytest.param(m, marks=pytest.mark.compile) for m in ("compiled", "per-layer"))]
+)
 def test_fsdp2_per_layer_matches_one_process(mode: str, tmp_path: Path) -> None:
     import fsdp_worker
 

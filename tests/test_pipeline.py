@@ -95,3 +95,9 @@ def test_a_stage_with_layers_missing_between_is_refused() -> None:
         attnres_fx.pipeline_stage(stage)
     with pytest.raises(attnres_fx.AttnResError, match="holds no layer of a model transformed"):
         attnres_fx.pipeline_stage(zoo.titan_llama())
+
+
+def test_a_model_whose_forward_changes_the_embeddings_is_not_split() -> None:
+    """GPT-2 adds position embeddings to `inputs_embeds`: a later stage's input would get them twice."""
+    with pytest.raises(attnres_fx.AttnResError, match="does not read the input embeddings as they are"):
+        attnres_fx.pipeline_split(attnres_fx.transform(zoo.gpt2()), 2)
