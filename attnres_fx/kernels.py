@@ -8,9 +8,10 @@ is imported), which is how the tests check them.
 Memory traffic is what they save: phase 1 reads every completed block once for all J sublayers of a block (the J
 programs of a row tile run side by side and share the tile through the cache) and keeps the running statistics in
 registers; the merge reads the partial sum and the phase-1 row once. Statistics are fp32; the blocks, the partial
-sum, the weighted sum and the output are in the model's dtype. A per-slot bias of -inf marks a placeholder of a
-fixed-size bank (per-layer compile, `state.py`): phase 1 and its backward skip it without reading it. The weight gradients are per-token coefficients here,
-reduced over tokens by one matmul in `ops.py` (cuBLAS), which keeps the kernels free of atomics.
+sum, the weighted sum and the output are in the model's dtype. The weight gradients are per-token coefficients
+here, reduced over tokens by one matmul in `ops.py` (cuBLAS), which keeps the kernels free of atomics. A per-slot
+bias of -inf marks a placeholder of a fixed-size bank (per-layer compile, `state.py`): phase 1 and its backward skip
+it without reading it.
 """
 
 from __future__ import annotations
