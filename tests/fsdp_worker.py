@@ -22,11 +22,7 @@ import attnres_fx  # noqa: E402
 def build() -> torch.nn.Module:
     """The transformed model with fixed non-zero queries (the test builds the same one-process reference)."""
     tmodel = attnres_fx.transform(zoo.llama()).train()
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(3)
-        for p in tmodel.attnres.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return tmodel
+    return zoo.random_depth_(tmodel)
 
 
 def batch() -> torch.Tensor:

@@ -27,11 +27,7 @@ def build(kind: str) -> torch.nn.Module:
     model = zoo.llama() if kind == "hf" else zoo.titan_llama()
     example = None if kind == "hf" else (zoo.token_ids(),)
     tmodel = attnres_fx.transform(model, example, num_blocks=3).train()
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(3)
-        for p in tmodel.attnres.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return tmodel
+    return zoo.random_depth_(tmodel)
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:

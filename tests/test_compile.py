@@ -59,10 +59,7 @@ def test_per_layer_compile_compiles_each_layer_configuration_once() -> None:
 
     from torch._dynamo.utils import counters
 
-    tmodel = attnres_fx.transform(zoo.llama(layers=12), num_blocks=6).train()
-    with torch.no_grad():
-        for p in tmodel.attnres.parameters():
-            p.normal_(0, 0.3)
+    tmodel = zoo.random_depth_(attnres_fx.transform(zoo.llama(layers=12), num_blocks=6).train())
     eager = copy.deepcopy(tmodel)
     for layer in tmodel.model.layers:
         layer.compile(fullgraph=True)

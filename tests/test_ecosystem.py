@@ -15,14 +15,6 @@ import zoo
 import attnres_fx
 
 
-def randomise_(tmodel: torch.nn.Module, std: float = 0.5) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in tmodel.attnres.parameters():
-            p.copy_(std * torch.randn(p.shape, generator=g))
-    return tmodel
-
-
 @pytest.fixture(scope="module")
 def llama_pair():
     """(an untransformed copy, the transformed model)."""
@@ -88,7 +80,7 @@ def test_generate_uses_the_models_kv_cache(arch: str) -> None:
     greedy = dict(max_new_tokens=16, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         assert torch.equal(tmodel.generate(prompt, **greedy), original.generate(prompt, **greedy))
-        randomise_(tmodel)
+        zoo.random_depth_(tmodel, 0.5, 7)
         cached = tmodel.generate(prompt, **greedy)
         tokens, done = prompt, torch.zeros(len(prompt), 1, dtype=torch.bool)
         for _ in range(16):  # step by step, recomputing the whole sequence without a cache; padded after EOS
@@ -125,7 +117,7 @@ def test_activation_checkpointing_cuts_saved_bytes_with_the_same_gradients(how: 
 
     ids = zoo.token_ids(2, 32)
     base = zoo.llama().train()
-    plain = randomise_(attnres_fx.transform(copy.deepcopy(base)).train())
+    plain = zoo.random_depth_(attnres_fx.transform(copy.deepcopy(base)).train(), 0.5, 7)
     model = copy.deepcopy(base)
     if how == "hf before transform":
         model.gradient_checkpointing_enable()
@@ -147,7 +139,7 @@ def test_activation_checkpointing_cuts_saved_bytes_with_the_same_gradients(how: 
 def test_checkpointed_recomputation_belongs_to_its_own_call() -> None:
     """Two forwards, then their backwards in reverse order: each recomputes its own layers' inputs."""
     ids_a, ids_b = zoo.token_ids(2, 16, seed=1), zoo.token_ids(2, 16, seed=2)
-    plain = randomise_(attnres_fx.transform(zoo.llama()).train())
+    plain = zoo.random_depth_(attnres_fx.transform(zoo.llama()).train(), 0.5, 7)
     expected = []
     for ids in (ids_a, ids_b):
         plain.zero_grad()
@@ -293,7 +285,7 @@ def test_a_failing_call_leaves_grad_mode_as_it_was(llama_pair) -> None:
 
 def test_torch_save_pickle_and_deepcopy_keep_the_transformed_model(llama_pair) -> None:
     _, tmodel = llama_pair
-    tmodel = randomise_(copy.deepcopy(tmodel))
+    tmodel = zoo.random_depth_(copy.deepcopy(tmodel), 0.5, 7)
     ids = zoo.token_ids()
     expected = tmodel(input_ids=ids).logits
     buffer = io.BytesIO()
@@ -312,7 +304,7 @@ def test_save_pretrained_then_from_pretrained_round_trips_and_other_settings_are
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    tmodel = randomise_(attnres_fx.transform(zoo.llama(), block_size=2))
+    tmodel = zoo.random_depth_(attnres_fx.transform(zoo.llama(), block_size=2), 0.5, 7)
     tmodel.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "model.safetensors")
     assert "model.layers.0.mlp.up_proj.weight" in saved and "attnres.site_1.query" in saved
@@ -343,7 +335,7 @@ def test_the_models_own_methods_run_through_its_modules(llama_pair) -> None:
 def test_trainer_runs_steps_on_the_transformed_model(tmp_path) -> None:
     from transformers import Trainer, TrainingArguments
 
-    tmodel = randomise_(attnres_fx.transform(zoo.llama()).train())
+    tmodel = zoo.random_depth_(attnres_fx.transform(zoo.llama()).train(), 0.5, 7)
     before = tmodel.attnres.site_2.query.detach().clone()
     data = [{"input_ids": ids, "labels": ids} for ids in zoo.token_ids(8, 16, seed=9)]
     args = TrainingArguments(
@@ -383,7 +375,7 @@ def test_a_compiled_model_is_transformed_through_its_wrapper() -> None:
     assert set(model.state_dict()) - set(original.state_dict()) == {k for k in model.state_dict() if "attnres" in k}
     ids = zoo.token_ids()
     torch.testing.assert_close(compiled(input_ids=ids).logits, original(input_ids=ids).logits, rtol=1e-3, atol=1e-3)
-    randomise_(model)  # the wrapper runs the depth attention: it follows the pseudo-queries
+    zoo.random_depth_(model, 0.5, 7)  # the wrapper runs the depth attention: it follows the pseudo-queries
     with torch.no_grad():
         logits = compiled(input_ids=ids).logits
         torch.testing.assert_close(logits, model(input_ids=ids).logits)

@@ -74,10 +74,7 @@ def test_every_schedule_matches_one_process(kind: str, configs: list[str], tmp_p
 
 def test_stages_of_different_microbatches_interleave_in_one_process() -> None:
     """Each microbatch's state travels with its own tensors: stage 1 on microbatch 0 after stage 0 ran microbatch 1."""
-    model = attnres_fx.transform(zoo.llama(), num_blocks=3).eval()
-    with torch.no_grad():
-        for p in model.attnres.parameters():
-            p.normal_(0, 0.3)
+    model = zoo.random_depth_(attnres_fx.transform(zoo.llama(), num_blocks=3).eval())
     first, second = attnres_fx.pipeline_split(model, 2)
     microbatches = [zoo.token_ids(2, 16, seed=s) for s in (1, 2)]
     with torch.no_grad():

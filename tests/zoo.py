@@ -35,6 +35,16 @@ def unit_scale_(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def random_depth_(tmodel: nn.Module, std: float = 0.3, seed: int = 3) -> nn.Module:
+    """Fixed random values in every AttnRes parameter of a transformed model (so a check is not of an identity), the
+    same for every process that asks with the same seed; in place."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in tmodel.attnres.parameters():
+            p.copy_(std * torch.randn(p.shape, generator=g))
+    return tmodel
+
+
 def hf_causal_lm(model_type: str, **overrides) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
