@@ -92,8 +92,9 @@ def transform(
     params = AttnResParameters(plan, _concrete(start.shape[-1]), device, start.dtype)
     if hooked:
         model.add_module(PARAMETER_PREFIX, params)
-        start = find_stream_start(layers, calls)
-        runtime = DepthRuntime(plan, layers, params, start, stream.final_readers, two_phase="two_phase" in passes)
+        start_module = find_stream_start(layers, calls)
+        two_phase = "two_phase" in passes
+        runtime = DepthRuntime(plan, layers, params, start_module, stream.final_readers, two_phase=two_phase)
         runtime.install(model)
         hf.record_settings(model, plan.block_size, len(plan.sites))
         return model

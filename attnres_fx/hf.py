@@ -111,9 +111,7 @@ def is_pipelinable(model: nn.Module) -> bool:
     """Whether `pipeline.pipeline_split` can run stages of `model`: an HF model whose base model takes the hidden
     state as `inputs_embeds`."""
     base = getattr(model, "base_model", None)
-    if base is None or not hasattr(base, "forward"):
-        return False
-    return "inputs_embeds" in inspect.signature(type(base).forward).parameters
+    return isinstance(base, nn.Module) and "inputs_embeds" in inspect.signature(type(base).forward).parameters
 
 
 class StageCall:

@@ -16,7 +16,6 @@ outputs.
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,8 +28,6 @@ from torch.distributed.pipelining import PipelineStage
 from . import hf, state
 from .errors import AttnResError
 from .hooks import DepthRuntime, _DepthForward
-
-_STAGE = "_attnres_stage"  # on a stage module: its _StageForward
 
 
 @dataclass
@@ -52,32 +49,36 @@ def pipeline_stage(module: nn.Module, call: Callable[[Tensor], Tensor] | None = 
     state after its last layer (the logits, or what the loss reads, in the last stage); by default the module's own
     forward. For a Hugging Face model, `pipeline_split` makes the stage copies and their calls.
     """
-    forwards = [m.forward for m in module.modules() if isinstance(m.forward, _DepthForward)]
+    forwards = _depth_forwards(module)
     if not forwards:
         raise AttnResError(
             f"{type(module).__name__} holds no layer of a model transformed by attnres_fx: make the stage from a "
             "transformed model (`attnres_fx.transform(model)` first, then copy it per stage and remove the layers "
             "of the other stages)."
         )
-    layouts = sorted((f.layout for f in forwards), key=lambda layout: layout.first_site)
+    layouts = [f.layout for f in forwards]
     for a, b in zip(layouts, layouts[1:]):
         if a.end_site != b.first_site:
             raise AttnResError(
                 f"the layers of this stage are not consecutive: `{a.path}` ends at sublayer {a.end_site - 1} and the "
                 f"next one held, `{b.path}`, starts at {b.first_site}. A stage holds one run of layers."
             )
-    first = min(forwards, key=lambda f: f.layout.first_site)
-    setattr(module, _STAGE, _StageForward(first, call or module.forward, layouts[-1].end_site))
-    module.forward = getattr(module, _STAGE)
+    module.forward = _StageForward(forwards[0], call or module.forward, layouts[-1].end_site)
     return module
+
+
+def _depth_forwards(module: nn.Module) -> list[_DepthForward]:
+    """The transformed layers `module` holds, in depth order."""
+    forwards = [m.forward for m in module.modules() if isinstance(m.forward, _DepthForward)]
+    return sorted(forwards, key=lambda f: f.layout.first_site)
 
 
 class _StageForward:
     """A stage module's forward: (x, *state in) -> (hidden, *state out)."""
 
-    def __init__(self, first: _DepthForward, call: Callable[[Tensor], Tensor], exit: int):
-        self.runtime, self.first_layer, self.call = first.runtime, first, call
-        entry = first.layout.first_site
+    def __init__(self, first_layer: _DepthForward, call: Callable[[Tensor], Tensor], exit: int):
+        self.runtime, self.first_layer, self.call = first_layer.runtime, first_layer, call
+        entry = first_layer.layout.first_site
         self.entry, self.exit = _boundary(self.runtime, entry), _boundary(self.runtime, exit)
         self.first, self.last = entry == 0, exit == len(self.runtime.plan.sites)
         self.cache: _BlockCache | None = None  # set by `pipeline_stages`
@@ -132,7 +133,7 @@ class _BlockCache:
     chunk: Any = None  # the microbatch the stages work on now
     kept: dict[tuple[int, Any], tuple[Tensor, ...]] = field(default_factory=dict)
     leaves: dict[tuple[int, Any], list[Tensor]] = field(default_factory=dict)
-    grads: dict[tuple[int, Any], list[Tensor | None]] = field(default_factory=lambda: defaultdict(list))
+    grads: dict[tuple[int, Any], list[Tensor | None]] = field(default_factory=dict)
 
     def keep(self, stage: int, blocks: tuple[Tensor, ...]) -> None:
         if stage in self.previous.values():
@@ -231,8 +232,8 @@ def pipeline_stages(
 
 
 def _stage_forward(module: nn.Module) -> _StageForward:
-    forward = getattr(module, _STAGE, None)
-    if forward is None:
+    forward = module.__dict__.get("forward")
+    if not isinstance(forward, _StageForward):
         raise AttnResError(
             f"{type(module).__name__} is not a pipeline stage of a transformed model: make it one with "
             "`attnres_fx.pipeline_stage(module)` (or `attnres_fx.pipeline_split(model, num_stages)`)."
@@ -259,7 +260,7 @@ def pipeline_split(model: nn.Module, num_stages: int) -> list[nn.Module]:
 
 
 def _layouts(model: nn.Module) -> list[Any]:
-    forwards = [m.forward for m in model.modules() if isinstance(m.forward, _DepthForward)]
+    forwards = _depth_forwards(model)
     otherwise = (
         "For other models copy the model per stage, remove the other stages' layers and wrap each copy with "
         "`attnres_fx.pipeline_stage(copy, call)`."
@@ -278,7 +279,7 @@ def _layouts(model: nn.Module) -> list[Any]:
             "so a later stage could not hand its input back as `inputs_embeds` without that being applied again. "
             f"{otherwise}"
         )
-    return sorted((f.layout for f in forwards), key=lambda layout: layout.first_site)
+    return [f.layout for f in forwards]
 
 
 def _hf_stage(model: nn.Module, layouts: list[Any], start: int, stop: int) -> nn.Module:
@@ -289,14 +290,10 @@ def _hf_stage(model: nn.Module, layouts: list[Any], start: int, stop: int) -> nn
             stage.get_submodule(parent).register_module(name, _Passthrough(layout.stream_arg, layout.output_index))
     first, last = start == 0, stop == len(layouts)
     if not last:
-        for path in _depth_forward(stage).runtime.final_norms:
+        for path in _depth_forwards(stage)[0].runtime.final_norms:
             parent, _, name = path.rpartition(".")
             stage.get_submodule(parent).register_module(name, nn.Identity())
     return pipeline_stage(stage, hf.StageCall(stage, first, last))
-
-
-def _depth_forward(model: nn.Module) -> _DepthForward:
-    return next(m.forward for m in model.modules() if isinstance(m.forward, _DepthForward))
 
 
 class _Passthrough(nn.Module):
