@@ -6,14 +6,12 @@ print(attnres_fx.plan(model))
 
 from .api import depth_weights, from_pretrained, plan, transform
 from .errors import AttnResError
-from .module import AttnResModel
 from .parallel import SequenceParallelDepth
 from .pipeline import pipeline_split, pipeline_stage, pipeline_stages
 from .plan import Plan, PlanSite
 
 __all__ = [
     "AttnResError",
-    "AttnResModel",
     "Plan",
     "PlanSite",
     "SequenceParallelDepth",

@@ -1,13 +1,12 @@
 """The public verbs: `transform`, `plan`, `depth_weights`.
 
-transform = capture -> find the stream -> find its layers -> plan blocks -> execute: module hooks on the model
-itself (`hooks.py`), or, where the stream does not cross module boundaries, the rewritten graph replayed
-(`rewrite.py`, graph passes, `module.py`).
+transform = capture -> find the stream -> find its layers -> plan blocks -> install: hooks on the model's own modules
+(`hooks.py`), with a layer's forward rewritten one level deep where it computes a stream-reading norm itself
+(`passes/functional_norms.py`). The model the user gets is their own, with an `attnres` submodule.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from collections.abc import Sequence
@@ -17,17 +16,21 @@ import torch
 from torch import Tensor, nn
 
 from . import hf, ops
-from .capture import CallKey, CapturedGraph, capture, split_inputs
-from .errors import AlreadyTransformedError, AttnResError, NoResidualStreamError, UnnormalizedReadError
+from .capture import CapturedGraph, capture, split_inputs
+from .errors import (
+    AlreadyTransformedError,
+    AttnResError,
+    NoResidualStreamError,
+    UnfollowableStreamError,
+    UnnormalizedReadError,
+)
 from .hooks import DepthRuntime
 from .inputs import ExampleInputs, as_call, default_example_inputs
-from .layers import find_layers, find_stream_start, recording_module_calls
-from .module import AttnResModel
+from .layers import LayerLayout, find_layers, find_stream_start, recording_module_calls
 from .parallel import refuse_distributed
 from .parameters import AttnResParameters
-from .passes import DEFAULT_PASSES, apply_passes, check_pass_names
+from .passes import DEFAULT_PASSES, check_pass_names
 from .plan import PARAMETER_PREFIX, Plan, make_plan
-from .rewrite import rewrite
 from .stream import Stream, find_stream
 
 M = TypeVar("M", bound=nn.Module)
@@ -41,7 +44,7 @@ def transform(
     block_size: int | None = None,
     allow_unnormalized_reads: bool = False,
     passes: Sequence[str] = DEFAULT_PASSES,
-) -> M | AttnResModel:
+) -> M:
     """Apply Block AttnRes to a pre-norm residual model, without editing its code.
 
     Args:
@@ -55,10 +58,8 @@ def transform(
         passes: the depth-attention optimisations to apply (all by default; `()` = one plain softmax per sublayer).
 
     Returns:
-        Where the stream's residual adds sit in submodules (decoder layers, blocks) and are read through norm
-        modules: `model` itself, modified in place, its own forward and modules running at every call, with an
-        `attnres` submodule (state-dict keys `attnres.*`) and hooks. Otherwise an `AttnResModel` that replays the
-        rewritten graph of the whole forward. `attnres_fx.plan(result)` says which.
+        `model` itself, modified in place: its own forward and modules run at every call, with an `attnres`
+        submodule (state-dict keys `attnres.*`) and hooks on the modules the stream crosses.
     """
     _refuse_transformed(model)
     refuse_distributed(model)
@@ -80,30 +81,21 @@ def transform(
     _report(hf.use_capturable_experts(model))
     key, tensors = split_inputs(args, kwargs, model.training)
     with recording_module_calls(model) as calls:
-        captured, stream = _capture_stream(model, key, tensors, allow_unnormalized_reads)
+        stream = _checked_stream(capture(model, key, tensors), model, allow_unnormalized_reads)
     layers = find_layers(stream, calls)
-    hooked = not isinstance(layers, str)
+    if isinstance(layers, str):
+        raise UnfollowableStreamError(_unfollowable_message(type(model).__name__, stream, layers))
     branches, eps = [s.branch_modules for s in stream.sites], [s.eps for s in stream.sites]
-    opaque = () if hooked else captured.opaque_paths
-    execution = {} if hooked else {"execution": f"whole-graph replay, because {layers}"}
-    plan = make_plan(branches, eps, stream.final_eps, num_blocks, block_size, opaque, **execution)
+    plan = make_plan(branches, eps, stream.final_eps, num_blocks, block_size, _rewritten(layers))
     start = stream.start.meta["val"]
     device = next((p.device for p in model.parameters()), start.device)
     params = AttnResParameters(plan, _concrete(start.shape[-1]), device, start.dtype)
-    if hooked:
-        model.add_module(PARAMETER_PREFIX, params)
-        start_module = find_stream_start(layers, calls)
-        two_phase = "two_phase" in passes
-        runtime = DepthRuntime(plan, layers, params, start_module, stream.final_readers, two_phase=two_phase)
-        runtime.install(model)
-        hf.record_settings(model, plan.block_size, len(plan.sites))
-        return model
-    _report(_opaque_message(type(model).__name__, captured.opaque_paths))
-    _rewrite_and_optimise(captured, stream, plan, passes)
-    build = functools.partial(_build_graph, allow_unnormalized_reads=allow_unnormalized_reads, passes=tuple(passes))
-    tmodel = AttnResModel(model, params, build)
-    tmodel.add_graph(key, captured, optimized=True)
-    return tmodel
+    start_module = find_stream_start(layers, calls)
+    runtime = DepthRuntime(plan, layers, params, start_module, stream.final_reader_paths, "two_phase" in passes)
+    runtime.install(model)
+    model.add_module(PARAMETER_PREFIX, params)
+    hf.record_settings(model, plan.block_size, len(plan.sites))
+    return model
 
 
 def from_pretrained(model_class: Any, path: str | os.PathLike, **kwargs: Any) -> nn.Module:
@@ -155,52 +147,10 @@ def site_records(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[
     """Run the model once, each site computed the plain way, and return what each parametrised site computed."""
     names = [s.name for s in plan(model).parametrised]
     with ops.recording() as records:
-        if isinstance(model, AttnResModel):
-            model.run_graph(args, kwargs, optimized=False)
-        else:
-            model(*args, **kwargs)
+        model(*args, **kwargs)
     if len(records) != len(names):
         raise AttnResError(f"expected {len(names)} depth-attention sites in one call, saw {len(records)}.")
     return dict(zip(names, records))
-
-
-# --- pipeline stages -------------------------------------------------------------------------------------------
-
-
-def _capture_stream(
-    model: nn.Module, key: CallKey, tensors: list[Tensor], allow_unnormalized_reads: bool
-) -> tuple[CapturedGraph, Stream]:
-    captured = capture(model, key, tensors)
-    return captured, _checked_stream(captured, model, allow_unnormalized_reads)
-
-
-def _build_graph(
-    original: nn.Module,
-    key: CallKey,
-    tensors: list[Tensor],
-    plan: Plan,
-    optimized: bool,
-    *,
-    allow_unnormalized_reads: bool,
-    passes: tuple[str, ...],
-) -> CapturedGraph:
-    """Capture and rewrite the graph for a new call structure or mode, following the existing plan."""
-    captured, stream = _capture_stream(original, key, tensors, allow_unnormalized_reads)
-    found = [s.branch_modules for s in stream.sites]
-    if found != [s.branch for s in plan.sites]:
-        mode = "training" if key.training else "eval"
-        raise AttnResError(
-            f"the graph captured for this call ({mode} mode) has a residual chain of {len(found)} sublayers "
-            f"that differs from the one transformed ({len(plan.sites)} sublayers); the model's forward "
-            "takes a different path for these inputs. Transform with example inputs of this kind instead."
-        )
-    _rewrite_and_optimise(captured, stream, plan, passes if optimized else ())
-    return captured
-
-
-def _rewrite_and_optimise(captured: CapturedGraph, stream: Stream, plan: Plan, passes: Sequence[str]) -> None:
-    rewrite(captured, stream, plan)
-    apply_passes(captured.gm, passes)
 
 
 def _checked_stream(captured: CapturedGraph, model: nn.Module, allow_unnormalized_reads: bool) -> Stream:
@@ -238,10 +188,25 @@ def _raw_read_message(name: str, stream: Stream) -> str:
     values = ", ".join(_stream_value(r.stream_index) for r in returned[:3])
     return head + (
         f"and this call returns stream values without a norm ({values}{', ...' if len(returned) > 3 else ''}; "
-        "hidden states, e.g. `output_hidden_states=True`). Transformed, such outputs are depth mixes (at init the "
-        "stream over its number of sources). Transform with an example call that does not return them, or pass "
+        "hidden states, e.g. `output_hidden_states=True`). Transformed, such outputs are depth mixes where they leave "
+        "a layer (at init the stream over its number of sources), the block's partial sum inside one. Transform with an example call that does not return them, or pass "
         "allow_unnormalized_reads=True to accept mixes as those outputs."
     )
+
+
+def _unfollowable_message(name: str, stream: Stream, reason: str) -> str:
+    return (
+        f"{name}: found a pre-norm residual stream of {len(stream.sites)} sublayers, but {reason}. A transformed "
+        "model runs its own forward and modules, made AttnRes by hooks where the stream enters and leaves a module "
+        "and where a norm reads it, so the stream must run through module calls in depth order. Transform the "
+        "module that holds the residual layers (for example the decoder), or write the model so that each norm is "
+        "a module."
+    )
+
+
+def _rewritten(layers: tuple[LayerLayout, ...]) -> tuple[str, ...]:
+    """The layers whose forward computes a stream-reading norm itself: rewritten one level deep."""
+    return tuple(dict.fromkeys(layer.path for layer in layers if any(r.functional for r in layer.readers)))
 
 
 def _stream_value(index: int) -> str:
@@ -271,16 +236,6 @@ def _no_stream_message(name: str, stream: Stream) -> str:
     )
 
 
-def _opaque_message(name: str, paths: tuple[str, ...]) -> str | None:
-    if not paths:
-        return None
-    return (
-        f"{name}: torch.export could not trace inside {len(paths)} submodules ({', '.join(paths[:3])}"
-        f"{', ...' if len(paths) > 3 else ''}), typically data-dependent routing; they run behind an opaque custom "
-        "op (exact forward and backward, recomputed in the backward) and torch.compile cannot fuse inside them."
-    )
-
-
 def _report(message: str | None) -> None:
     if message:
         warnings.warn(f"attnres_fx: {message}", stacklevel=3)
@@ -298,22 +253,14 @@ def _attnres_parameters(model: nn.Module) -> AttnResParameters | None:
 def _transform_compiled(compiled: nn.Module, example_inputs: ExampleInputs | None, **options: Any) -> nn.Module:
     """A model already wrapped by torch.compile: transform the model it wraps, in place, and keep the wrapper (and
     its compile options), so state-dict keys stay the model's own."""
-    inner = compiled._orig_mod
-    result = transform(inner, example_inputs, **options)
-    if result is not inner:
-        raise AttnResError(
-            f"{type(inner).__name__} is wrapped by torch.compile, and its stream can only be executed by replaying the "
-            f"rewritten graph ({plan(result).execution}), which the existing compiled wrapper does not run. "
-            "Transform the model itself and compile what transform returns: "
-            "`torch.compile(attnres_fx.transform(model))`."
-        )
+    transform(compiled._orig_mod, example_inputs, **options)
     return compiled
 
 
 def _refuse_transformed(model: nn.Module) -> None:
     for path, module in model.named_modules():
-        if isinstance(module, (AttnResModel, AttnResParameters)):
-            owner = path.rpartition(".")[0] if isinstance(module, AttnResParameters) else path
+        if isinstance(module, AttnResParameters):
+            owner = path.rpartition(".")[0]
             where = f"submodule `{owner}`" if owner else "the model"
             raise AlreadyTransformedError(
                 f"{where} was already transformed by attnres_fx; transforming again would stack depth attention on "

@@ -26,5 +26,5 @@ class AlreadyTransformedError(AttnResError):
     """The model (or one of its submodules) has already been transformed."""
 
 
-class UnsupportedMethodError(AttnResError, AttributeError):
-    """A method of the original model that would bypass AttnRes (an AttributeError for hasattr)."""
+class UnfollowableStreamError(AttnResError):
+    """The stream does not run through module calls that hooks can follow (see `layers.py`)."""

@@ -13,6 +13,13 @@ Depth attention runs in two phases (`ops.py`): when a block opens, all its subla
 blocks at once (phase 1, which the state carries to the next layer); each sublayer then merges its partial sum with
 online softmax.
 
+Where the stream starts inside the first layer (the model's own forward holds the adds and the embedding; a
+hierarchical stage starts in its first block), that layer is handed nothing: its first norm starts the state on the
+stream value it reads, and each later norm's partial sum is the difference of two stream values it sees (the model's
+own adds sum the branch outputs of the mixes). A module called at several depths (a shared layer) runs the program of
+the depth its input's state says. A norm that a layer's forward computes itself (`F.rms_norm(x)`) is read through
+that forward rewritten one level deep (`passes/functional_norms.py`), its submodules still called as modules.
+
 What a layer does is written in positions within a block, not in sublayer indices (`LayerProgram`), and it is handed
 the parameters it uses in order, so all layers of one configuration run the same code on state of the same shapes:
 per-layer `torch.compile` compiles one graph per configuration, at any depth. The only per-call Python state is the
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +45,7 @@ from .layers import LayerLayout
 from .parallel import site_weights
 from .parameters import AttnResParameters, SiteParameters
 from .plan import Plan
+from .passes.functional_norms import rewrite_forward
 from .state import BlockScores, DepthState
 
 
@@ -50,9 +59,10 @@ class LayerProgram:
     num_sites: int
     eps: tuple[float, ...]  # key-norm eps per offset from 1 (the order of the parameters the layer is handed)
     in_place: bool  # its residual adds are in place (`x += f(x)`): it must be handed a copy of the partial sum
-    stream_arg: int | str
+    stream_arg: int | str | None  # None: the stream starts inside the layer, at its first norm
     output_index: int | None
-    last: bool  # the mix it returns is the final aggregation
+    returns_stream: bool  # False: its output is not the stream (the final norm reads the stream inside it)
+    last: bool  # the mix it returns, or its last norm reads, is the final aggregation
 
     def position(self, offset: int) -> int:
         return (self.first_position + offset) % self.block_size
@@ -84,19 +94,29 @@ class DepthRuntime:
         self._local = threading.local()
 
     def install(self, model: nn.Module) -> None:
+        """Give each layer its forward and each stream-reading norm its pre-hook. Everything is built (and a forward
+        rewritten) before the model is touched, so a refusal leaves it as it was."""
         programs: dict[LayerProgram, LayerProgram] = {}  # one object per configuration
-        forwards = []
+        plans: dict[str, list[_LayerPlan]] = {}
+        reads: dict[str, list[int]] = {}  # per norm module: the offsets it reads at, in call order within a layer
         for layout in self.layers:
-            module = model.get_submodule(layout.path)
             program, params = self._program(layout)
-            parent, _, key = layout.path.rpartition(".")
-            container = (model.get_submodule(parent), key)
-            program = programs.setdefault(program, program)
-            module.forward = _DepthForward(self, module, program, params, layout, container)
-            forwards.append(module.forward)
-            for path, site in layout.readers:
-                hook = functools.partial(self.read, site - layout.first_site)
-                model.get_submodule(path).register_forward_pre_hook(hook)
+            plans.setdefault(layout.path, []).append(_LayerPlan(programs.setdefault(program, program), params, layout))
+            for r in layout.readers:
+                offsets = reads.setdefault(r.path, []) if not r.functional else []
+                if layout.call == 0 and r.offset not in offsets:
+                    offsets.append(r.offset)
+        forwards = []
+        for path, layer_plans in plans.items():
+            module = model.get_submodule(path)
+            parent, _, key = path.rpartition(".")
+            container = (model.get_submodule(parent), key) if path else (module, "")
+            forwards.append(_DepthForward(self, module, tuple(layer_plans), container))
+            forwards[-1].body()  # a forward that cannot be rewritten is refused here
+        for forward in forwards:
+            forward.module.forward = forward
+        for path, offsets in reads.items():
+            model.get_submodule(path).register_forward_pre_hook(functools.partial(self.read, tuple(offsets)))
         if self.start_path is not None:
             hook = functools.partial(self._start_hook, forwards[0])
             model.get_submodule(self.start_path).register_forward_hook(hook)
@@ -114,6 +134,7 @@ class DepthRuntime:
             in_place=layout.in_place,
             stream_arg=layout.stream_arg,
             output_index=layout.output_index,
+            returns_stream=layout.returns_stream,
             last=end == count,
         )
         return program, tuple(getattr(self.params, s.name) for s in sites)
@@ -121,14 +142,19 @@ class DepthRuntime:
     # --- hooks ---------------------------------------------------------------------------------------------------
 
     def enter(self, forward: _DepthForward, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        program = forward.program
-        x = _get(args, kwargs, program.stream_arg)
+        where = forward.plans[0].program.stream_arg
+        if where is None:  # the stream starts inside: the layer is handed nothing, its first norm starts the state
+            self._local.call, self._local.recomputing = _LayerCall(_LayerEntry(forward, forward.plans[0])), None
+            return args, kwargs
+        x = _get(args, kwargs, where)
         depth = state.find(x, state.DEPTH)
+        plan = forward.select(depth)
         if depth is None:
-            if not forward.opens_stream:
-                raise AttnResError(_no_state_message(forward.layout))
+            if plan.layout.first_site != 0:
+                raise AttnResError(_no_state_message(plan.layout))
             depth = self.start(x, forward)
-        entry = _LayerEntry(forward, x, depth)
+        program = plan.program
+        entry = _LayerEntry(forward, plan, x, depth)
         self._local.call, self._local.recomputing = _LayerCall(entry), None
         partial = state.tracked(torch.zeros_like(x), x) if depth.partial is None else depth.partial
         handed = partial.clone() if program.in_place else partial.view_as(partial)  # its own tensor, in any case
@@ -136,8 +162,9 @@ class DepthRuntime:
             state.attach(handed, entry, state.CALL)  # a tensor of this call alone: see `_current_call`
         return _put(args, kwargs, program.stream_arg, handed)
 
-    def read(self, offset: int, module: nn.Module, args: tuple) -> tuple | None:
-        call = self._current_call(offset, args[0])
+    def read(self, offsets: tuple[int, ...], module: nn.Module, args: tuple) -> tuple | None:
+        """A norm module's pre-hook: its input becomes its sublayer's depth mix."""
+        call = self._current_call(offsets[0] == 0, args[0])
         if call is None:
             if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
                 raise AttnResError(
@@ -147,12 +174,23 @@ class DepthRuntime:
                     "`apply_activation_checkpointing` on the decoder layers)."
                 )
             return None  # the norm called on its own, outside a call of its layer: left as it is
+        offset = offsets[0] if len(offsets) == 1 else call.next_offset(module, offsets)
+        return (self.mix_for(call, offset, args[0]), *args[1:])
+
+    def mix_for(self, call: _LayerCall, offset: int, value: Tensor) -> Tensor:
+        """What the norm of sublayer `offset` reads, given the stream value it was handed."""
         if offset == 0:
             call.restart()
-            return (call.mix_in, *args[1:])
-        return (self._mix_inside(call, offset, args[0]), *args[1:])
+            if call.depth is None:  # the stream starts here, inside the first layer: the difference base
+                call.begin(self.start(value, call.started.forward), value)
+            return call.mix_in
+        return self._mix_inside(call, offset, value)
 
-    def _current_call(self, offset: int, given: Tensor) -> _LayerCall | None:
+    def current_call(self) -> _LayerCall | None:
+        """The layer call in progress on this thread."""
+        return getattr(self._local, "call", None)
+
+    def _current_call(self, first: bool, given: Tensor) -> _LayerCall | None:
         """The layer call a norm reads in: the one in progress, or the one whose forward transformers'
         checkpointing recomputes in the backward (it reruns the layer's class forward, not `enter`), which the first
         norm finds on the tensor it is handed; that holds until the backward that recomputes it ends."""
@@ -160,7 +198,7 @@ class DepthRuntime:
         if torch.compiler.is_compiling():
             return local.call
         task = torch._C._current_graph_task_id()
-        if offset == 0 and task != -1:
+        if first and task != -1:
             entry = state.find(given, state.CALL)
             call = getattr(local, "call", None)
             if entry is not None and (call is None or call.started is not entry):
@@ -171,13 +209,16 @@ class DepthRuntime:
 
     def leave(self, call: _LayerCall, output: Any) -> Any:
         program = call.program
+        if not program.returns_stream:
+            return output
         stream = output if program.output_index is None else output[program.output_index]
         stream = _as_shape(stream, call.mix_in.shape)
         if program.in_place:  # the tensor the layer added to in place: what it holds now is kept as a copy
             stream = stream.clone()
         mix, partial = self._advance(call, program.num_sites, stream)
         if not program.last:
-            state.attach(mix, call.depth.moved(partial, call.scores), state.DEPTH)
+            next_site = call.started.plan.layout.end_site
+            state.attach(mix, call.depth.moved(partial, call.scores, next_site), state.DEPTH)
         if program.output_index is None:
             return mix
         i = program.output_index
@@ -201,7 +242,8 @@ class DepthRuntime:
         slots = self.bank_slots(first)
         depth = exact if slots is None else state.from_sources([x], self.key_eps, None, slots)
         if self._uses_two_phase():  # the whole block, as where any other block opens, from the start alone
-            depth.scores = self._score(exact, first.program, first.params, 0)
+            plan = first.plans[0]
+            depth.scores = self._score(exact, plan.program, plan.params, 0)
         return depth
 
     def bank_slots(self, first: _DepthForward) -> int | None:
@@ -209,6 +251,7 @@ class DepthRuntime:
         or `torch.compile(layer)` in its container), else None: the bank holds the blocks alone."""
         module, (container, key) = first.module, first.container
         alone = module._compiled_call_impl is not None or isinstance(container._modules.get(key), OptimizedModule)
+        alone = alone and module is not container  # the model itself is the layer: compiled as a whole
         return self.slots if alone else None
 
     def _mix_inside(self, call: _LayerCall, offset: int, stream: Tensor) -> Tensor:
@@ -274,12 +317,23 @@ class DepthRuntime:
 
 
 @dataclass(frozen=True)
+class _LayerPlan:
+    """What one call of a layer computes: its program, the parameters it is handed, where it sits."""
+
+    program: LayerProgram
+    params: tuple[SiteParameters, ...]
+    layout: LayerLayout
+
+
+@dataclass(frozen=True)
 class _LayerEntry:
-    """What one call of a layer starts from: the layer, the mix its first sublayer reads, the state it was handed."""
+    """What one call of a layer starts from: the layer and its plan for this call, the mix its first sublayer reads
+    and the state it was handed (None for both where the stream starts inside the layer)."""
 
     forward: _DepthForward
-    mix_in: Tensor
-    depth: DepthState
+    plan: _LayerPlan
+    mix_in: Tensor | None = None
+    depth: DepthState | None = None
 
 
 class _LayerCall:
@@ -288,40 +342,89 @@ class _LayerCall:
 
     def __init__(self, started: _LayerEntry):
         self.started = started
-        self.program, self.params, self.mix_in = started.forward.program, started.forward.params, started.mix_in
+        self.program, self.params = started.plan.program, started.plan.params
         self.restart()
 
     def restart(self) -> None:
-        self.depth: DepthState = self.started.depth
-        self.scores: dict[float, BlockScores] | None = self.started.depth.scores
-        self.base: Tensor | None = None  # the stream value where a block ended inside the layer
+        self.mix_in: Tensor | None = self.started.mix_in
+        self.depth: DepthState | None = self.started.depth
+        self.scores: dict[float, BlockScores] | None = None if self.depth is None else self.depth.scores
+        self.base: Tensor | None = None  # the stream value where a block ended inside the layer (or started)
         self.cached: tuple[int, Tensor, Tensor] | None = None  # (offset, norm input, its mix)
+        self.reads: dict[int, int] = {}  # per norm module read at several offsets: how often it read so far
+
+    def begin(self, depth: DepthState, start: Tensor) -> None:
+        """The stream starts inside this layer at `start`, the value its first norm reads."""
+        self.depth, self.scores, self.base, self.mix_in = depth, depth.scores, start, start
+
+    def next_offset(self, module: nn.Module, offsets: tuple[int, ...]) -> int:
+        """The offset of this read of a norm module that reads at several, in call order."""
+        count = self.reads.get(id(module), 0)
+        self.reads[id(module)] = count + 1
+        return offsets[count % len(offsets)]
 
 
 class _DepthForward:
     """A layer's `forward`, as an instance attribute over its class's (as accelerate's hooks do): the layer reads the
     depth mix and returns the next one, so every hook on the layer, the user's or a library's (FSDP2, transformers'
-    output capture), sees those, while the class's forward (with transformers' checkpointing) runs in between."""
+    output capture), sees those, while the class's forward (with transformers' checkpointing) runs in between. Where
+    the layer's forward computes a stream-reading norm itself, the forward rewritten one level deep runs instead."""
 
     def __init__(
         self,
         runtime: DepthRuntime,
         module: nn.Module,
-        program: LayerProgram,
-        params: tuple[SiteParameters, ...],
-        layout: LayerLayout,
+        plans: tuple[_LayerPlan, ...],
         container: tuple[nn.Module, str],
     ):
-        self.runtime, self.module, self.program, self.params, self.layout = runtime, module, program, params, layout
-        self.container = container  # the module that holds the layer, and its key there
-        self.opens_stream = layout.first_site == 0
+        self.runtime, self.module, self.plans = runtime, module, plans
+        self.container = container  # the module that holds the layer, and its key there (the model: itself)
+        self._body: Callable[..., Any] | None = None
+
+    @property
+    def layout(self) -> LayerLayout:
+        """The layout of a layer called once per call of the model."""
+        if len(self.plans) > 1:
+            raise AttnResError(
+                f"`{self.plans[0].layout.path}` is called at {len(self.plans)} depths (a shared layer): a pipeline "
+                "stage cannot hold it."
+            )
+        return self.plans[0].layout
+
+    def select(self, depth: DepthState | None) -> _LayerPlan:
+        """The plan of this call: by the depth its input's state says, for a layer called at several depths."""
+        if len(self.plans) == 1 or depth is None:
+            return self.plans[0]
+        plan = next((p for p in self.plans if p.layout.first_site == depth.next_site), None)
+        if plan is None:
+            raise AttnResError(
+                f"`{self.plans[0].layout.path}` was called where sublayer {depth.next_site} comes next, but it holds "
+                f"sublayers {[p.layout.first_site for p in self.plans]} onwards: the model's forward took another "
+                "path than when it was transformed."
+            )
+        return plan
+
+    def read(self, value: Tensor, offset: int) -> Tensor:
+        """A norm that the layer's rewritten forward computes itself: what it reads instead of `value`."""
+        call = self.runtime.current_call()
+        return value if call is None else self.runtime.mix_for(call, offset, value)
+
+    def body(self) -> Callable[..., Any]:
+        if self._body is None:
+            functional = [r for p in self.plans for r in p.layout.readers if r.functional]
+            forward = type(self.module).forward
+            self._body = rewrite_forward(self.module, self.plans[0].layout) if functional else forward
+        return self._body
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_body": None}  # a rewritten forward is rebuilt where it is next called
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         local = self.runtime._local
         args, kwargs = self.runtime.enter(self, args, kwargs)
         call = local.call
         try:
-            output = type(self.module).forward(self.module, *args, **kwargs)
+            output = self.body()(self.module, *args, **kwargs)
             return self.runtime.leave(call, output)
         finally:
             local.call = None

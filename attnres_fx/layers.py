@@ -1,11 +1,16 @@
-"""Where the stream crosses module boundaries: the layers that hold its residual adds and the norms that read it.
+"""Find the layers: where the stream crosses module boundaries, so that hooks on the model's own modules can make it
+AttnRes.
 
-Module-faithful execution (`hooks.py`) needs, for every *layer* (a module whose forward holds consecutive residual
-adds, such as a decoder layer): the norm modules inside it that read the stream, the argument through which the
-stream enters it and the output through which it leaves. The captured graph says which modules; one eager call of
-the example says which argument and which output. When the stream does not cross module boundaries that way (a
-residual add in the model's own forward, a norm computed without a module), the reason is returned and the model is
-executed by replaying its rewritten graph instead.
+A *layer* is one call of the innermost module whose forward holds a sublayer's residual add and, through its
+submodules or itself, the norms that read the sublayer's input: a decoder layer; an `AttentionLayers` whose forward
+loops over norm, branch and residual modules; the model itself, where its own forward holds the adds. Consecutive
+sublayers in one call form one layer; a module called at several depths (a shared layer) is one layer per call.
+
+For each layer: the norms that read the stream inside it (a submodule that computes a norm gets a pre-hook; a norm
+that the layer's forward computes itself is `functional`, and that forward is rewritten one level deep, see
+`passes/functional_norms.py`), the argument through which the stream enters it (None where the stream starts inside the first
+layer) and the output through which it leaves. The captured graph says which modules and calls; the calls recorded
+while capturing say which argument and which output.
 """
 
 from __future__ import annotations
@@ -20,33 +25,48 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.fx import Node
 
-from .stream import Stream, module_path
+from .stream import Site, Stream, module_calls, same_shape
+
+ModuleCall = tuple[tuple, dict[str, Any], Any]  # (args, kwargs, output) of one call of a module
+CallId = tuple[str, int]  # (module path, which call of it in one forward)
+
+
+@dataclass(frozen=True)
+class Reader:
+    """A norm that reads the stream inside a layer."""
+
+    path: str  # the module the norm's input is handed to: a norm, or the layer itself (`functional`)
+    call: int  # which call of that module
+    offset: int  # the sublayer whose input it reads, from the layer's first; num_sites: the final aggregation
+    functional: bool  # computed by the layer's own forward, not by a submodule
 
 
 @dataclass(frozen=True)
 class LayerLayout:
-    """One layer: the consecutive sublayers whose residual adds its forward holds."""
+    """One layer: one call of a module whose forward holds the residual adds of consecutive sublayers."""
 
     path: str
+    call: int
     first_site: int
     num_sites: int
-    readers: tuple[tuple[str, int], ...]  # (norm module path, the sublayer whose input it reads)
+    readers: tuple[Reader, ...]
     in_place: bool  # its residual adds are in place (`x += f(x)`): it must be handed a copy of the partial sum
-    stream_arg: int | str = 0  # the positional index or keyword through which the stream enters
+    add_offsets: tuple[int | None, ...]  # per residual add in order: the offset of the value it makes (None: the
+    # inner add of a parallel sublayer `(h + a) + m`)
+    stream_arg: int | str | None = 0  # the positional index or keyword the stream enters by; None: starts inside
     output_index: int | None = None  # None: the forward returns the stream; i: it is element i of a tuple
+    returns_stream: bool = True  # False: the final norm reads the stream inside this (last) layer
 
     @property
     def end_site(self) -> int:
         return self.first_site + self.num_sites
 
 
-ModuleCall = tuple[tuple, dict[str, Any], Any]  # (args, kwargs, output) of one call of a module
-
-
 @contextlib.contextmanager
 def recording_module_calls(model: nn.Module) -> Iterator[dict[str, list[ModuleCall]]]:
-    """Record every submodule call of the model's last run inside the block (capture runs the forward on fake
+    """Record every module call of the model's last run inside the block (capture runs the forward on fake
     tensors, so this costs no extra forward and works on the meta device)."""
     calls: dict[str, list[ModuleCall]] = defaultdict(list)
     handles = [model.register_forward_pre_hook(lambda module, args: calls.clear())]
@@ -70,61 +90,100 @@ def find_layers(stream: Stream, calls: dict[str, list[ModuleCall]]) -> tuple[Lay
     layers = _layers_from_graph(stream)
     if isinstance(layers, str):
         return layers
-    return _locate_stream_arguments(layers, calls)
+    return _locate_stream_arguments(layers, calls, stream)
 
 
 def _layers_from_graph(stream: Stream) -> list[LayerLayout] | str:
-    runs: list[tuple[str, list[int]]] = []
+    runs: list[tuple[CallId, list[int]]] = []
     for j, site in enumerate(stream.sites):
-        owner = module_path(site.add)
-        if not owner:
-            return f"the residual add of sublayer {j} is in the model's own forward, not in a submodule"
-        if runs and runs[-1][0] == owner:
+        call = _innermost_common_call([site.add, *site.inner_adds, *site.readers])
+        if runs and runs[-1][0] == call:
             runs[-1][1].append(j)
-        elif any(owner == o for o, _ in runs):
-            return f"`{owner}` holds the residual adds of non-consecutive sublayers (one layer called twice)"
+        elif any(call == c for c, _ in runs):
+            return f"one call of `{call[0] or 'the model'}` holds the residual adds of non-consecutive sublayers"
         else:
-            runs.append((owner, [j]))
+            runs.append((call, [j]))
     layers = []
-    for owner, sites in runs:
-        readers = []
-        for j in sites:
-            outside = [p for p in stream.sites[j].readers if not p.startswith(owner + ".")]
-            if outside or not stream.sites[j].readers:
-                where = f"`{outside[0]}`" if outside and outside[0] else "the forward of a module"
-                return (
-                    f"the norm that sublayer {j} reads through is computed in {where}, not by a norm module in "
-                    f"`{owner}`"
-                )
-            readers += [(p, j) for p in stream.sites[j].readers]
-        adds = [a for j in sites for a in (stream.sites[j].add, *stream.sites[j].inner_adds)]
+    for k, (call, sites) in enumerate(runs):
+        readers = [r for j in sites for r in _readers(stream.sites[j].readers, call, j - sites[0])]
+        inside = [r for r in stream.final_readers if call in module_calls(r)] if k == len(runs) - 1 else []
+        if inside and len(inside) != len(stream.final_readers):
+            return f"the stream's end is normalised both inside and after `{call[0] or 'the model'}`"
+        readers += _readers(inside, call, len(sites))
+        adds = [a for j in sites for a in (*stream.sites[j].inner_adds, stream.sites[j].add)]
         in_place = any(a.target is torch.ops.aten.add_.Tensor for a in adds)
-        layers.append(LayerLayout(owner, sites[0], len(sites), tuple(readers), in_place))
+        offsets = tuple(o for i, j in enumerate(sites) for o in _add_offsets(stream.sites[j], i))
+        layout = LayerLayout(call[0], call[1], sites[0], len(sites), tuple(readers), in_place, offsets)
+        layers.append(dataclasses.replace(layout, returns_stream=not inside))
     return layers
 
 
+def _readers(nodes: tuple[Node, ...] | list[Node], layer: CallId, offset: int) -> list[Reader]:
+    found: dict[Reader, None] = {}
+    for node in nodes:
+        path, call = module_calls(node)[-1] if module_calls(node) else ("", 0)
+        found[Reader(path, call, offset, functional=(path, call) == layer)] = None
+    return list(found)
+
+
+def _add_offsets(site: Site, index: int) -> list[int | None]:
+    return [None] * len(site.inner_adds) + [index + 1]
+
+
+def _innermost_common_call(nodes: list[Node]) -> CallId:
+    """The innermost module call that recorded every one of `nodes`."""
+    stacks = [module_calls(n) or [("", 0)] for n in nodes]
+    common = ("", 0)
+    for level in zip(*stacks):
+        if any(c != level[0] for c in level):
+            break
+        common = level[0]
+    return common
+
+
 def _locate_stream_arguments(
-    layers: list[LayerLayout], calls: dict[str, list[ModuleCall]]
+    layers: list[LayerLayout], calls: dict[str, list[ModuleCall]], stream: Stream
 ) -> tuple[LayerLayout, ...] | str:
-    """Which argument carries the stream into each layer and which output carries it out, from one recorded call."""
-    located, previous_output = [], None
-    for layer in layers:
-        if len(calls[layer.path]) != 1:
-            return f"`{layer.path}` ran {len(calls[layer.path])} times in one call of the model"
-        args, kwargs, output = calls[layer.path][0]
-        first_reader = next(path for path, j in layer.readers if j == layer.first_site)
-        reads = calls.get(first_reader)
-        where = _position_of(reads[0][0][0] if reads and reads[0][0] else None, args, kwargs)
-        if where is None:
-            return f"`{layer.path}` does not hand its stream input unchanged to the norm of its first sublayer"
-        if previous_output is not None and _get(args, kwargs, where) is not previous_output:
-            return f"the stream is changed on its way into `{layer.path}`"
+    """Which argument carries the stream into each layer and which output carries it out, from the recorded calls."""
+    located: list[LayerLayout] = []
+    previous_output: Tensor | None = None
+    for k, layer in enumerate(layers):
+        if len(calls.get(layer.path, ())) <= layer.call:
+            return f"`{layer.path}` was not seen running when the model was captured"
+        args, kwargs, output = calls[layer.path][layer.call]
+        read = _first_read(layer, calls, args, kwargs, stream)
+        entered = previous_output if k else read
+        where = _position_of(entered, args, kwargs)
+        if k and (where is None or (read is not None and read is not entered)):
+            return f"the stream is changed on its way into `{layer.path}` (before the norm of sublayer {layer.first_site})"
+        if not k and where is None:  # the stream starts inside the first layer
+            if read is None:
+                return (
+                    f"the stream starts inside `{layer.path or 'the model'}`, whose own forward computes the norm that "
+                    "reads it first (a functional norm)"
+                )
+            where = None
+        last = k == len(layers) - 1
         index = None if isinstance(output, Tensor) else 0
-        if index == 0 and not (isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor)):
+        if (not last or layer.returns_stream) and index == 0 and not _led_by_tensor(output):
             return f"`{layer.path}` returns a {type(output).__name__}, not the stream (a tensor, or a tuple led by it)"
         previous_output = output if index is None else output[0]
         located.append(dataclasses.replace(layer, stream_arg=where, output_index=index))
     return tuple(located)
+
+
+def _first_read(
+    layer: LayerLayout, calls: dict[str, list[ModuleCall]], args: tuple, kwargs: dict[str, Any], stream: Stream
+) -> Tensor | None:
+    """The value the norm of the layer's first sublayer is handed (None for a functional norm: then the layer's only
+    tensor argument of the stream's shape, if it has one)."""
+    reader = next(r for r in layer.readers if r.offset == 0)
+    if not reader.functional:
+        recorded = calls.get(reader.path, ())
+        return recorded[reader.call][0][0] if len(recorded) > reader.call and recorded[reader.call][0] else None
+    shape = stream.start.meta["val"].shape
+    candidates = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and same_shape(a.shape, shape)]
+    return candidates[0] if len(candidates) == 1 else None
 
 
 def find_stream_start(layers: tuple[LayerLayout, ...], calls: dict[str, list[ModuleCall]]) -> str | None:
@@ -132,10 +191,16 @@ def find_stream_start(layers: tuple[LayerLayout, ...], calls: dict[str, list[Mod
     called once per call: the state can then start on that output, outside the first layer (so that a layer compiled
     on its own sees the same inputs as the others). The last such module in call order: what it returns flows on."""
     first = layers[0]
-    args, kwargs, _ = calls[first.path][0]
+    if first.stream_arg is None:
+        return None
+    args, kwargs, _ = calls[first.path][first.call]
     x0 = _get(args, kwargs, first.stream_arg)
     found = [path for path, done in calls.items() if path and len(done) == 1 and done[0][2] is x0]
     return found[-1] if found else None
+
+
+def _led_by_tensor(output: Any) -> bool:
+    return isinstance(output, (tuple, list)) and bool(output) and isinstance(output[0], Tensor)
 
 
 def _position_of(value: Tensor | None, args: tuple, kwargs: dict[str, Any]) -> int | str | None:

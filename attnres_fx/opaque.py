@@ -1,16 +1,14 @@
-"""Opaque submodules: code no capture can trace, run behind a custom-op boundary.
+"""Opaque submodules: code no capture can trace, called behind a custom-op boundary while capturing.
 
 A MoE block that loops over experts with `torch.where` / `nonzero` has data-dependent shapes, and
 export fails inside it. Capture then calls every module of that type through
 `attnres_fx::opaque_forward`: a custom op whose implementation is the module's own eager forward
-(`functional_call`, with its parameters passed in, so the graph still binds them by name at every
-call) and whose backward is a second custom op, `attnres_fx::opaque_backward`, that recomputes the
-forward and differentiates it. The module's internals stay out of the graph; the residual stream
-around it is rewritten as usual, and torch.compile treats both ops as opaque kernels.
+(`functional_call`, with its parameters passed in, so the graph still names them). The module's
+internals stay out of the graph, and the residual stream around it is found as usual. The captured graph
+is only read: at run time the module runs as itself.
 
 Output shapes are read off one eager call: each output either keeps the first input's leading dims,
-flattens them into one, or is fixed (a scalar, for instance). Recomputation in the backward replays
-the forward, so a module that draws random numbers (dropout) must not be kept opaque in training.
+flattens them into one, or is fixed (a scalar, for instance).
 """
 
 from __future__ import annotations
@@ -59,7 +57,6 @@ class OpaqueCall:
     path: str
     module: nn.Module
     state_names: list[str]  # parameters then buffers: the order of the op's `state` argument
-    trainable: list[bool]
     in_spec: TreeSpec
     in_leaves: tuple[Any, ...]  # non-tensor leaves, `_TENSOR` where a tensor goes
     out_spec: TreeSpec
@@ -98,59 +95,6 @@ def _(handle: int, inputs: list[Tensor], state: list[Tensor]) -> list[Tensor]:
     return [shape.empty(inputs[0]) for shape in _CALLS[handle].out_shapes]
 
 
-@torch.library.custom_op("attnres_fx::opaque_backward", mutates_args=())
-def opaque_backward(handle: int, inputs: list[Tensor], state: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
-    """Gradients for `inputs` and `state` (zeros where none flows), by recomputing the forward under
-    `torch.func.vjp`: a custom op's body runs below autograd, where functorch still differentiates."""
-    call = _CALLS[handle]
-    in_mask = [x.is_floating_point() for x in inputs]
-    out_mask = [shape.dtype.is_floating_point for shape in call.out_shapes]
-
-    def differentiable_forward(ins: list[Tensor], st: list[Tensor]) -> list[Tensor]:
-        full_ins = _merge(inputs, in_mask, ins)
-        full_st = _merge(state, call.trainable, st)
-        return [o for o, m in zip(call.run(full_ins, full_st), out_mask) if m]
-
-    primals = ([x for x, m in zip(inputs, in_mask) if m], [s for s, m in zip(state, call.trainable) if m])
-    _, vjp = torch.func.vjp(differentiable_forward, *primals)
-    in_grads, state_grads = vjp([g for g, m in zip(grads, out_mask) if m])
-    zeros = [torch.zeros_like(t) for t in (*inputs, *state)]
-    return [
-        *_merge(zeros[: len(inputs)], in_mask, in_grads),
-        *_merge(zeros[len(inputs) :], call.trainable, state_grads),
-    ]
-
-
-def _merge(full: list[Tensor], mask: list[bool], picked: list[Tensor]) -> list[Tensor]:
-    """`full` with the entries where `mask` is set replaced, in order, by `picked`."""
-    it = iter(picked)
-    return [next(it) if m else t for t, m in zip(full, mask)]
-
-
-@opaque_backward.register_fake
-def _(handle: int, inputs: list[Tensor], state: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
-    return [torch.empty_like(t) for t in (*inputs, *state)]
-
-
-def _setup_context(ctx: Any, inputs: tuple, output: list[Tensor]) -> None:
-    handle, ins, state = inputs
-    ctx.handle, ctx.num_inputs = handle, len(ins)
-    ctx.save_for_backward(*ins, *state)
-
-
-def _backward(ctx: Any, grads: list[Tensor | None]) -> tuple:
-    saved, call = ctx.saved_tensors, _CALLS[ctx.handle]
-    ins, state = list(saved[: ctx.num_inputs]), list(saved[ctx.num_inputs :])
-    grads = [g if g is not None else s.empty(ins[0]).zero_() for g, s in zip(grads, call.out_shapes)]
-    result = torch.ops.attnres_fx.opaque_backward(ctx.handle, ins, state, grads)
-    in_grads = [g if x.is_floating_point() else None for g, x in zip(result, ins)]
-    state_grads = [g if t else None for g, t in zip(result[ctx.num_inputs :], call.trainable)]
-    return None, in_grads, state_grads
-
-
-opaque_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
 def record_calls(run_example: Any, root: nn.Module, modules: list[nn.Module]) -> list[OpaqueCall]:
     """Run the model once eagerly and record how each of `modules` is called and what it returns."""
     paths = {id(m): p for p, m in root.named_modules()}
@@ -182,13 +126,11 @@ def _record(path: str, module: nn.Module, args: tuple, kwargs: dict, output: Any
             f"`{path}` ({type(module).__name__}) cannot be captured (export failed inside it), and it cannot be kept "
             "opaque either: it must take at least one tensor and return only tensors."
         )
-    params = dict(module.named_parameters())
-    names = [*params, *(n for n, _ in module.named_buffers())]
+    names = [*(n for n, _ in module.named_parameters()), *(n for n, _ in module.named_buffers())]
     return OpaqueCall(
         path=path,
         module=module,
         state_names=names,
-        trainable=[n in params and params[n].requires_grad for n in names],
         in_spec=in_spec,
         in_leaves=tuple(_TENSOR if isinstance(x, Tensor) else x for x in leaves),
         out_spec=out_spec,

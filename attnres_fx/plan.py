@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from tabulate import tabulate
 
 PARAMETER_PREFIX = "attnres"
-MODULE_HOOKS = "module hooks: the model's own modules and forwards run; the stream is rewritten at their boundaries"
 
 
 @dataclass(frozen=True)
@@ -46,8 +45,7 @@ class Plan:
     sites: tuple[PlanSite, ...]
     final: PlanSite
     block_size: int
-    opaque: tuple[str, ...] = ()  # submodules run behind a custom op (export failed inside them)
-    execution: str = MODULE_HOOKS  # or why the rewritten graph is replayed instead
+    rewritten: tuple[str, ...] = ()  # layers whose forward computes a stream-reading norm: rewritten one level deep
 
     @property
     def num_blocks(self) -> int:
@@ -70,9 +68,8 @@ class Plan:
             for s in (*self.sites, self.final)
         ]
         head = f"Block AttnRes: {len(self.sites)} sublayers, block_size {self.block_size}, {self.num_blocks} blocks\n"
-        head += f"execution: {self.execution}\n"
-        if self.opaque:
-            head += f"kept opaque (export failed inside; run behind a custom op): {', '.join(self.opaque)}\n"
+        if self.rewritten:
+            head += f"forward rewritten one level deep (computes a norm itself): {', '.join(self.rewritten)}\n"
         return head + tabulate(rows, headers=["site", "block", "branch", "sources", "query", "key norm weight"])
 
 
@@ -91,8 +88,7 @@ def make_plan(
     final_eps: float,
     num_blocks: int,
     block_size: int | None,
-    opaque: tuple[str, ...] = (),
-    execution: str = MODULE_HOOKS,
+    rewritten: tuple[str, ...] = (),
 ) -> Plan:
     """Assign each of the sublayers (given by their branch modules) to blocks."""
     count = len(branches)
@@ -113,4 +109,4 @@ def make_plan(
         )
 
     sites = tuple(site(j, b, e) for j, (b, e) in enumerate(zip(branches, eps)))
-    return Plan(sites, site(count, (), final_eps), size, opaque, execution)
+    return Plan(sites, site(count, (), final_eps), size, rewritten)

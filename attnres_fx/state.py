@@ -44,6 +44,7 @@ class DepthState:
     partial: Tensor | None  # the current block's partial sum; None right after a block completed
     scores: dict[float, BlockScores] | None  # per eps: the open block's phase 1
     bias: Tensor | None = None  # a fixed-size bank's [slots] fp32 mask: 0 for a source, -inf for a placeholder
+    next_site: int = 0  # the sublayer that reads this state next (which call of a module called at several depths)
 
     def sources(self, eps: float | None = None) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
         """(blocks, their inverse RMS for `eps`, the bias that masks placeholders, if any)."""
@@ -54,21 +55,21 @@ class DepthState:
         drop = 0 if self.bias is None else 1
         inv_rms = {e: (*self.inv_rms[e][drop:], ops.inverse_rms(block, e)) for e in eps}
         bias = None if self.bias is None else torch.cat([self.bias[1:], self.bias.new_zeros(1)])
-        return DepthState((*self.blocks[drop:], block), inv_rms, None, None, bias)
+        return DepthState((*self.blocks[drop:], block), inv_rms, None, None, bias, self.next_site)
 
-    def moved(self, partial: Tensor | None, scores: dict[float, BlockScores] | None) -> DepthState:
+    def moved(self, partial: Tensor | None, scores: dict[float, BlockScores] | None, next_site: int) -> DepthState:
         """This bank with the current block's partial sum and phase 1: what a layer hands the next."""
-        return DepthState(self.blocks, self.inv_rms, partial, scores, self.bias)
+        return DepthState(self.blocks, self.inv_rms, partial, scores, self.bias, next_site)
 
 
 def from_sources(
-    sources: list[Tensor], eps: tuple[float, ...], partial: Tensor | None, slots: int | None = None
+    sources: list[Tensor], eps: tuple[float, ...], partial: Tensor | None, slots: int | None = None, next_site: int = 0
 ) -> DepthState:
-    """A state holding `sources` (the stream start and the completed blocks, oldest first) and `partial`; with
-    `slots`, a fixed-size bank of that many."""
+    """A state holding `sources` (the stream start and the completed blocks, oldest first) and `partial`, read next
+    by sublayer `next_site`; with `slots`, a fixed-size bank of that many."""
     inv_rms = {e: tuple(ops.inverse_rms(s, e) for s in sources) for e in eps}
     if slots is None:
-        return DepthState(tuple(sources), inv_rms, partial, None)
+        return DepthState(tuple(sources), inv_rms, partial, None, next_site=next_site)
     empty, like = slots - len(sources), sources[0]
     # one allocation each: placeholders that share storage are one tensor to a compiled layer's autograd Functions
     placeholders = tuple(tracked(like.new_zeros(like.shape), like) for _ in range(empty))
@@ -76,7 +77,7 @@ def from_sources(
         inv_rms[e] = (*(tracked(ops.inverse_rms(p, e), like) for p in placeholders), *inv_rms[e])
     bias = torch.zeros(slots, device=like.device)
     bias[:empty] = float("-inf")
-    return DepthState((*placeholders, *sources), inv_rms, partial, None, bias)
+    return DepthState((*placeholders, *sources), inv_rms, partial, None, bias, next_site)
 
 
 def attach(x: Tensor, value: object, key: str) -> None:

@@ -64,7 +64,12 @@ class Site:
     branch_modules: tuple[str, ...]
     eps: float
     inner_adds: tuple[Node, ...] = ()
-    readers: tuple[str, ...] = ()  # modules of the norms that read `stream` (filled once the chain is known)
+    readers: tuple[Node, ...] = ()  # the norm nodes that read `stream` (filled once the chain is known)
+
+    @property
+    def reader_paths(self) -> tuple[str, ...]:
+        """The modules that compute those norms."""
+        return tuple(dict.fromkeys(module_path(r) for r in self.readers))
 
 
 @dataclass
@@ -96,7 +101,11 @@ class Stream:
     final_eps: float
     unnormalized_reads: list[UnnormalizedRead]
     raw_residuals: list[RawResidual]  # `h + f(h)` adds whose branch reads h raw
-    final_readers: tuple[str, ...] = ()  # modules of the norms that read the final stream value
+    final_readers: tuple[Node, ...] = ()  # the norm nodes that read the final stream value
+
+    @property
+    def final_reader_paths(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(module_path(r) for r in self.final_readers))
 
 
 def module_path(node: Node) -> str:
@@ -109,6 +118,17 @@ def module_paths(node: Node) -> list[str]:
     """The modules that recorded `node`, outermost first."""
     stack = node.meta.get("nn_module_stack") or {}
     return list(dict.fromkeys(path for path, _ in stack.values()))  # the adapter and the model are both ''
+
+
+def module_calls(node: Node) -> list[tuple[str, int]]:
+    """The module calls that recorded `node`, outermost first: (path, which call of that module it was, from 0); export
+    tells the calls of a module called more than once apart (`layers.0@1`)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    calls: dict[str, int] = {}
+    for key, (path, _) in stack.items():
+        count = key.rpartition("@")[2]
+        calls[path] = int(count) if "@" in key and count.isdigit() else 0
+    return list(calls.items())
 
 
 def is_tensor(node: object) -> bool:
@@ -284,12 +304,10 @@ class _StreamFinder:
                 best = chain
         return best
 
-    def _norm_readers(self, value: Node, adds: set[Node]) -> tuple[str, ...]:
-        """The modules of the norm nodes that read `value` (the chain's own adds left out)."""
+    def _norm_readers(self, value: Node, adds: set[Node]) -> tuple[Node, ...]:
+        """The norm nodes that read `value` (the chain's own adds left out)."""
         readers = self._tensor_readers(value)
-        return tuple(
-            dict.fromkeys(module_path(r) for r in readers if r not in adds and r.op != "output" and self.is_norm(r))
-        )
+        return tuple(r for r in readers if r not in adds and r.op != "output" and self.is_norm(r))
 
     def _unnormalized_reads(self, values: list[Node], chain: list[Site]) -> list[UnnormalizedRead]:
         adds = _chain_adds(chain)

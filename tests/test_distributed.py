@@ -33,6 +33,26 @@ def test_fsdp2_per_layer_matches_one_process(mode: str, tmp_path: Path) -> None:
         assert zoo.rel_err(sharded["grads"][name], grad) < 1e-5, name
 
 
+def test_fsdp2_per_block_on_models_with_their_own_forward_matches_one_process(tmp_path: Path) -> None:
+    """x-transformers, a model whose forward holds the adds, MViTv2: blocks and root sharded, one process's step."""
+    import own_forward_fsdp_worker as worker
+
+    out = tmp_path / "rank0.pt"
+    torchrun("own_forward_fsdp_worker.py", str(out))
+    sharded = torch.load(out)
+    assert sharded.keys() == worker.MODELS.keys()
+    for name, (_, _, batch) in worker.MODELS.items():
+        model = worker.build(name)
+        torch.manual_seed(1)
+        loss = worker.loss_of(model, batch())  # the mean over the batch: the mean of the two ranks' halves
+        loss.backward()
+        assert zoo.rel_err(sharded[name]["loss"], loss) < 1e-5, name
+        expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        assert sharded[name]["grads"].keys() == expected.keys() and "attnres.site_1.query" in expected
+        for key, grad in expected.items():
+            assert zoo.rel_err(sharded[name]["grads"][key], grad) < 1e-5, (name, key)
+
+
 def test_sequence_parallel_depth_gradients_are_reduced_over_the_group(tmp_path: Path) -> None:
     """Each rank attends over depth for its own tokens; with `SequenceParallelDepth` in the plan the `attnres`
     gradients are summed over the group and equal one process's. Without it they are one rank's share."""

@@ -1,5 +1,5 @@
 """MoE as a first-class path: compiled training with eager parity, router losses kept, uncapturable
-routing kept opaque, HF eager experts switched, full-size configs transformed on the meta device."""
+routing kept opaque while capturing, HF eager experts switched, full-size configs transformed on the meta device."""
 
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def test_uncapturable_moe_in_a_layer_runs_as_its_own_module() -> None:
     original = copy.deepcopy(model)
     tmodel = attnres_fx.transform(model, (ids,))
     tplan = attnres_fx.plan(tmodel)
-    assert tplan.opaque == () and tplan.execution.startswith("module hooks")
+    assert tmodel is model
     assert [s.branch for s in tplan.sites[1::2]] == [(f"blocks.{i}.moe",) for i in range(3)]
     out, expected = grads_of(original, ids)
     tout, got = grads_of(tmodel, ids)
@@ -117,31 +117,18 @@ def test_uncapturable_moe_in_a_layer_runs_as_its_own_module() -> None:
         assert zoo.rel_err(got[name], grad) < 1e-3, name
 
 
-@pytest.fixture(scope="module")
-def flat_loop_moe_pair():
+def test_uncapturable_moe_under_the_models_own_residual_adds_runs_as_its_own_module() -> None:
+    """Export cannot trace inside the experts loop (kept opaque while capturing, so the stream around it is found);
+    the model's own forward, which holds the adds, then runs the MoE as it is, in outputs and gradients."""
     torch.manual_seed(0)
     model, ids = zoo.unit_scale_(zoo.FlatLoopMoE()).eval(), zoo.token_ids()
     original = copy.deepcopy(model)
-    with pytest.warns(UserWarning, match="could not trace inside 3 submodules") as record:
-        tmodel = attnres_fx.transform(model, (ids,))
-    return original, tmodel, ids, str(record[0].message)
-
-
-def test_uncapturable_moe_in_a_replayed_graph_is_kept_opaque_and_reported(flat_loop_moe_pair) -> None:
-    _, tmodel, _, message = flat_loop_moe_pair
-    tplan = attnres_fx.plan(tmodel)
-    assert tplan.execution.startswith("whole-graph replay") and "model's own forward" in tplan.execution
-    assert tplan.opaque == ("moes.0", "moes.1", "moes.2")
-    assert [s.branch for s in tplan.sites] == [(f"moes.{i}",) for i in range(3)]
-    assert "moes.0" in message and "kept opaque" in str(tplan)
-
-
-def test_opaque_moe_computes_the_original_outputs_and_gradients(flat_loop_moe_pair) -> None:
-    original, tmodel, ids, _ = flat_loop_moe_pair
+    tmodel = attnres_fx.transform(model, (ids,))
+    assert tmodel is model and [s.branch for s in attnres_fx.plan(tmodel).sites] == [(f"moes.{i}",) for i in range(3)]
     out, expected = grads_of(original, ids)
     tout, got = grads_of(tmodel, ids)
     assert zoo.rel_err(tout, out) < 1e-4
-    for name, grad in expected.items():  # through the opaque op's recomputing backward
+    for name, grad in expected.items():
         assert zoo.rel_err(got[name], grad) < 1e-3, name
     assert got["moes.1.experts.0.0.weight"].abs().sum() > 0
 
@@ -154,7 +141,6 @@ def test_hf_eager_experts_are_switched_and_reported() -> None:
     with pytest.warns(UserWarning, match="switched it to `grouped_mm`"):
         tmodel = attnres_fx.transform(model, {"input_ids": ids})
     assert model.config._experts_implementation == "grouped_mm"
-    assert attnres_fx.plan(tmodel).opaque == ()
     with torch.no_grad():
         assert zoo.rel_err(tmodel(input_ids=ids).logits, original) < 5e-4
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections import Counter
 from dataclasses import dataclass
 
 import reference
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import attnres_fx
+from attnres_fx.hooks import _DepthForward
 
 D = 16
 EPS = 1e-6
@@ -171,6 +173,7 @@ layer_specs = st.builds(
     flatten=st.booleans(),
 )
 EXAMPLES = int(os.environ.get("ATTNRES_EXAMPLES", "12"))
+OUTCOMES: Counter[str] = Counter()  # reported at the end of the run (conftest.py)
 
 
 @seed(0)
@@ -197,8 +200,10 @@ def test_every_generated_model_is_transformed_exactly_or_refused(
         tmodel = attnres_fx.transform(model, (ids,), block_size=block_size)
     except attnres_fx.AttnResError:
         assert not main_is_pre_norm, f"pre-norm, yet refused: {kinds}, side stream {side}"
+        OUTCOMES["refused"] += 1
         return
     tplan = attnres_fx.plan(tmodel)
+    OUTCOMES[_how_it_runs(tmodel, tplan)] += 1
     on_side = tplan.sites[0].branch[0].startswith("side.")  # two streams: the longest is transformed
     assert main_is_pre_norm or on_side, f"not pre-norm, yet transformed: {kinds}"
     if on_side:
@@ -207,8 +212,13 @@ def test_every_generated_model_is_transformed_exactly_or_refused(
         prefix, rest = original.order[:first], original.order[first:]
         sublayers = [f for i in rest for f in original.layers[i].sublayers()]
     assert len(tplan.sites) == len(sublayers)
+    last = tmodel.layers[original.order[-1]]
+    fired = []
+    handle = last.register_forward_hook(lambda *a: fired.append(1))
     with torch.no_grad():
         assert zoo.rel_err(tmodel(ids), original(ids)) < 1e-3
+    handle.remove()
+    assert tmodel is model and len(fired) == original.order.count(original.order[-1])  # the model's own forward
         params = reference.random_site_parameters_(tmodel)
         if on_side:
             embed, _, side_norm = original.side
@@ -226,3 +236,16 @@ def test_every_generated_model_is_transformed_exactly_or_refused(
                 embed, layer, side_norm = original.side
                 expected = expected + side_norm(layer(embed(ids)))
         assert zoo.rel_err(tmodel(ids), expected) < 1e-4
+
+
+def _how_it_runs(tmodel: nn.Module, tplan: attnres_fx.Plan) -> str:
+    """Which ways of following the stream a transformed model needed (all of them run the model's own forward)."""
+    forwards = [m.forward for m in tmodel.modules() if isinstance(m.forward, _DepthForward)]
+    ways = []
+    if any(len(f.plans) > 1 for f in forwards):
+        ways.append("a layer called at two depths")
+    if tplan.rewritten:
+        ways.append("a forward rewritten one level deep")
+    if any(p.layout.stream_arg is None for f in forwards for p in f.plans):
+        ways.append("the stream starting inside a layer")
+    return "own forward: " + (" + ".join(ways) or "layer and norm modules")

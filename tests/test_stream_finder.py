@@ -31,7 +31,7 @@ def stream_of(forward, *modules: nn.Module, seq: int = 6) -> Stream:
 def test_an_add_whose_branch_reads_the_stream_through_a_norm_is_a_site() -> None:
     stream = stream_of(lambda s, x: s.m2(x + s.m1(s.m0(x))), nn.LayerNorm(D), nn.Linear(D, D), nn.LayerNorm(D))
     (site,) = stream.sites
-    assert site.branch_modules == ("m1",) and site.readers == ("m0",) and not stream.unnormalized_reads
+    assert site.branch_modules == ("m1",) and site.reader_paths == ("m0",) and not stream.unnormalized_reads
 
 
 def test_post_norm_and_normalised_branches_are_no_sites_and_say_so() -> None:
@@ -60,7 +60,7 @@ def test_a_reshape_of_the_stream_that_keeps_the_feature_dim_is_looked_through() 
         return s.m4((flat + s.m3(s.m2(flat))).view(x.shape))
 
     stream = stream_of(forward, nn.LayerNorm(D), nn.Linear(D, D), nn.LayerNorm(D), nn.Linear(D, D), nn.LayerNorm(D))
-    assert [s.readers for s in stream.sites] == [("m0",), ("m2",)] and not stream.unnormalized_reads
+    assert [s.reader_paths for s in stream.sites] == [("m0",), ("m2",)] and not stream.unnormalized_reads
 
 
 def test_a_cast_inside_a_norm_read_from_outside_it_is_a_raw_read() -> None:
@@ -86,13 +86,13 @@ def test_sizes_are_compared_by_value_not_by_how_they_print() -> None:
 
     key, tensors = split_inputs((torch.randn(2, 16, 32),), {}, False)
     stream = find_stream(capture(FlatResiduals(ByFour), key, tensors).gm.graph)
-    assert [s.readers for s in stream.sites] == [("norms.0",), ("norms.1",)]
+    assert [s.reader_paths for s in stream.sites] == [("norms.0",), ("norms.1",)]
 
 
 def test_a_functional_norm_is_recognised_by_what_it_computes() -> None:
     stream = stream_of(lambda s, x: F.layer_norm(x + s.m0(F.rms_norm(x, (D,), eps=1e-5)), (D,)), nn.Linear(D, D))
     (site,) = stream.sites
-    assert site.eps == 1e-5 and site.readers == ("",)  # computed in the model's own forward, not by a module
+    assert site.eps == 1e-5 and site.reader_paths == ("",)  # computed in the model's own forward, not by a module
 
 
 def test_a_module_holding_residual_adds_is_no_norm_even_if_it_computes_one() -> None:

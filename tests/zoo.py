@@ -233,7 +233,7 @@ class LoopMoEModel(nn.Module):
 
 class FlatLoopMoE(nn.Module):
     """Loop-over-experts MoE sublayers whose residual adds sit in the model's own forward (no layer modules), so
-    the transform replays the rewritten graph and must keep the uncapturable experts opaque."""
+    export must keep the uncapturable experts opaque to find the stream around them."""
 
     def __init__(self, d: int = 32, layers: int = 3, vocab: int = VOCAB):
         super().__init__()
@@ -526,3 +526,96 @@ def titan_stage(model: nn.Module, start: int, stop: int) -> nn.Module:
     if stop < count:
         stage.norm, stage.output = None, None
     return stage
+
+
+# --- models whose stream does not run through one module per layer ------------------------------------------------
+
+
+class Sublayer(nn.Module):
+    """`fn(norm(x))`: the branch alone; the model's own forward holds the residual add."""
+
+    def __init__(self, d: int, fn: nn.Module):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.norm(x))
+
+
+class RootForwardGPT(nn.Module):
+    """nanoGPT-style, with every residual add in the model's own forward: `x = x + sub(x)` over the sublayers."""
+
+    def __init__(self, d: int = 32, layers: int = 3, vocab: int = VOCAB):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.subs = nn.ModuleList(
+            Sublayer(d, nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d)) if i % 2 else nn.Linear(d, d))
+            for i in range(2 * layers)
+        )
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx)
+        for sub in self.subs:
+            x = x + sub(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def root_forward_gpt(layers: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    return unit_scale_(RootForwardGPT(layers=layers)).eval()
+
+
+class SharedBlock(nn.Module):
+    """A pre-norm block with a norm computed in its own forward (`F.rms_norm`) and one norm module."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.attn = nn.Linear(d, d)
+        self.norm2 = nn.RMSNorm(d, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(nn.functional.rms_norm(x, (x.shape[-1],), eps=1e-6))
+        return x + self.mlp(self.norm2(x))
+
+
+class SharedLayerModel(nn.Module):
+    """Layers 0, 1, 0, 2: the first layer is called twice, at two depths (weight sharing)."""
+
+    def __init__(self, d: int = 32, vocab: int = VOCAB):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(SharedBlock(d) for _ in range(3))
+        self.norm = nn.RMSNorm(d, eps=1e-6)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        for i in (0, 1, 0, 2):
+            h = self.layers[i](h)
+        return self.head(self.norm(h))
+
+
+def shared_layer_model() -> nn.Module:
+    torch.manual_seed(0)
+    return unit_scale_(SharedLayerModel()).eval()
+
+
+def x_transformer(depth: int = 3) -> nn.Module:
+    """x-transformers' decoder LM: every residual add sits in `AttentionLayers.forward`."""
+    from x_transformers import Decoder, TransformerWrapper
+
+    torch.manual_seed(0)
+    model = TransformerWrapper(num_tokens=VOCAB, max_seq_len=64, attn_layers=Decoder(dim=32, depth=depth, heads=4))
+    return unit_scale_(model).eval()
+
+
+def mvitv2(img_size: int = 64) -> nn.Module:
+    """timm MViTv2: the stream of stage 2 starts inside its first block (pooled shortcut + attention)."""
+    import timm
+
+    torch.manual_seed(0)
+    return unit_scale_(timm.create_model("mvitv2_tiny", pretrained=False, img_size=img_size, num_classes=10)).eval()

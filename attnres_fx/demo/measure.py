@@ -12,7 +12,6 @@ import torch
 from torch import Tensor, nn
 
 from ..api import plan, site_records
-from ..module import AttnResModel
 from ..plan import Plan
 
 
@@ -38,7 +37,7 @@ def baseline_sublayer_rms(model: nn.Module, tplan: Plan, *args: Tensor) -> list[
 
 
 @torch.no_grad()
-def attnres_sublayer_rms(model: AttnResModel, *args: Tensor) -> list[float]:
+def attnres_sublayer_rms(model: nn.Module, *args: Tensor) -> list[float]:
     """RMS of each sublayer's output in the transformed model, read off the depth-attention sources.
 
     The last source of site j is the running sum of sublayer j-1's block after j-1 ran, so sublayer
@@ -51,7 +50,7 @@ def attnres_sublayer_rms(model: AttnResModel, *args: Tensor) -> list[float]:
 
 
 @torch.no_grad()
-def depth_weight_matrix(model: AttnResModel, *args: Tensor) -> Tensor:
+def depth_weight_matrix(model: nn.Module, *args: Tensor) -> Tensor:
     """Mean softmax weight of every site (rows) over [b_0, b_1, ..., b_N, partial sum] (columns).
 
     Sources a site does not have are NaN; the partial sum always sits in the last column.

@@ -1,32 +1,21 @@
-"""Graph optimisations over the rewritten graph, each a function `(GraphModule) -> None`.
+"""Graph passes and the depth-attention optimisations.
 
-Each pass is exact (same function as the plain rewrite) and can be switched off by leaving its
-name out of `transform(..., passes=...)`.
+- `functional_norms`: the forward of a layer that computes a stream-reading norm itself, rewritten one level deep.
+- `transform(..., passes=...)` names the optimisations of the depth attention: `two_phase` scores all sublayers of
+  a block against the completed blocks at once and merges each partial sum with online softmax (`ops.py`); without
+  it, each sublayer runs one plain softmax over its sources.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
-import torch
+from collections.abc import Sequence
 
 from ..errors import AttnResError
-from .two_phase import two_phase
 
-GraphPass = Callable[[torch.fx.GraphModule], None]
-
-PASSES: dict[str, GraphPass] = {"two_phase": two_phase}
-DEFAULT_PASSES: tuple[str, ...] = tuple(PASSES)
+DEFAULT_PASSES: tuple[str, ...] = ("two_phase",)
 
 
 def check_pass_names(names: Sequence[str]) -> None:
-    unknown = [n for n in names if n not in PASSES]
+    unknown = [n for n in names if n not in DEFAULT_PASSES]
     if unknown:
-        raise AttnResError(f"unknown graph pass(es) {unknown}; the passes are {list(PASSES)}.")
-
-
-def apply_passes(gm: torch.fx.GraphModule, names: Sequence[str]) -> None:
-    for name in names:
-        PASSES[name](gm)
-    gm.graph.lint()
-    gm.recompile()
+        raise AttnResError(f"unknown pass(es) {unknown}; the passes are {list(DEFAULT_PASSES)}.")
