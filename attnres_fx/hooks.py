@@ -84,6 +84,7 @@ class DepthRuntime:
         self.start_path, self.final_norms = start, final_norms  # where the stream starts, what reads its end
         self.slots = plan.final.num_completed  # the most completed sources any sublayer reads: a fixed bank's size
         self.key_eps = tuple(sorted({s.eps for s in plan.parametrised})) if two_phase else ()
+        self.shared_layers = len({layout.path for layout in layers}) < len(layers)  # a module called at two depths
         self._local = threading.local()  # .call: the layer call in progress on this thread
 
     def __getstate__(self) -> dict[str, Any]:
@@ -217,7 +218,9 @@ class DepthRuntime:
             stream = stream.clone()
         mix, partial = self._advance(call, program.num_sites, stream)
         if not program.last:
-            next_site = call.started.plan.layout.end_site
+            # only where a layer is called at several depths: elsewhere a per-layer constant would make each layer
+            # compiled on its own a graph of its own
+            next_site = call.started.plan.layout.end_site if self.shared_layers else 0
             state.attach(mix, call.depth.moved(partial, call.scores, next_site), state.DEPTH)
         if program.output_index is None:
             return mix

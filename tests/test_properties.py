@@ -219,6 +219,7 @@ def test_every_generated_model_is_transformed_exactly_or_refused(
         assert zoo.rel_err(tmodel(ids), original(ids)) < 1e-3
     handle.remove()
     assert tmodel is model and len(fired) == original.order.count(original.order[-1])  # the model's own forward
+    with torch.no_grad():
         params = reference.random_site_parameters_(tmodel)
         if on_side:
             embed, _, side_norm = original.side
