@@ -2,8 +2,8 @@
 
 An add `h + d` is a pre-norm residual when both operands have the output's shape and the stream `h`
 reaches the branch `d` only through normalisation: every first step from `h` towards `d` is a norm
-node. Norms are recognised by what they compute (layer_norm / rms_norm / group_norm ops, or an
-rsqrt / sqrt of a mean inside one module), never by a module's name.
+node. Norms are recognised by what they compute (layer_norm / rms_norm / group_norm ops, an rsqrt / sqrt of
+a mean, or an L2 norm over the features, inside one module), never by a module's name.
 """
 
 from __future__ import annotations
@@ -338,7 +338,19 @@ def _holds_adds(nodes: list[Node]) -> bool:
 
 def _computes_norm(nodes: list[Node]) -> bool:
     targets = {n.target for n in nodes}
-    return bool(targets & _NORM_OPS) or bool(targets & _ROOT_OPS and targets & _STAT_OPS)
+    by_stats = bool(targets & _ROOT_OPS and targets & _STAT_OPS)  # rsqrt(mean(x^2) + eps), by hand
+    return bool(targets & _NORM_OPS) or by_stats or any(_is_feature_l2_norm(n) for n in nodes)
+
+
+def _is_feature_l2_norm(n: Node) -> bool:
+    """The L2 norm of each token's features (`F.normalize(x, dim=-1)`, `linalg.vector_norm(x, dim=-1)`): what
+    RMSNorm and ScaleNorm written as `normalize(x) * sqrt(d) * g` compute. Over another dim it mixes tokens."""
+    if n.target is not aten.linalg_vector_norm.default or not isinstance(n.args[0], Node):
+        return False
+    order = n.args[1] if len(n.args) > 1 else n.kwargs.get("ord", 2)
+    dims = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim")
+    ndim = n.args[0].meta["val"].dim()
+    return order == 2 and dims is not None and [d % ndim for d in dims] == [ndim - 1]
 
 
 def _norm_eps(nodes: list[Node]) -> float | None:

@@ -125,6 +125,19 @@ def test_save_load_pickle_deepcopy_and_state_dict_keep_the_transformed_model(pai
     assert attnres_fx.plan(loaded).sites == attnres_fx.plan(tmodel).sites
 
 
+@pytest.mark.parametrize("norm", ["use_rmsnorm", "use_scalenorm"])
+def test_x_transformers_norms_written_with_f_normalize_are_norms(norm: str) -> None:
+    """`F.normalize(x, dim=-1) * scale * g`: recognised by what it computes, so the model is pre-norm."""
+    model = zoo.x_transformer(depth=2, **{norm: True})
+    original = copy.deepcopy(model)
+    tmodel = attnres_fx.transform(model, ids())
+    assert len(attnres_fx.plan(tmodel).sites) == 4
+    with torch.no_grad():
+        assert zoo.rel_err(out(tmodel, ids()), out(original, ids())) < 1e-4
+        zoo.random_depth_(tmodel)
+        assert zoo.rel_err(out(tmodel, ids()), out(original, ids())) > 1e-2
+
+
 # --- independent references with random queries -------------------------------------------------------------
 
 

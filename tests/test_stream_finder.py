@@ -109,3 +109,46 @@ def test_a_module_holding_residual_adds_is_no_norm_even_if_it_computes_one() -> 
 
     stream = stream_of(lambda s, x: s.m1(s.m0(s.m0(x))), InlineNormLayer(), nn.LayerNorm(D))
     assert not stream.sites
+
+
+class L2RMSNorm(nn.Module):
+    """x-transformers' RMSNorm: `F.normalize(x, dim=-1) * sqrt(d) * (gamma + 1)`."""
+
+    def __init__(self):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(D))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1) * D**0.5 * (self.gamma + 1)
+
+
+class ScaleNorm(nn.Module):
+    """ScaleNorm with `torch.linalg.vector_norm`: one learned scalar over the L2-normalised input."""
+
+    def __init__(self):
+        super().__init__()
+        self.g = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-5) * self.g
+
+
+def test_an_l2_normalise_and_scale_norm_written_with_f_normalize_is_a_norm() -> None:
+    (site,) = stream_of(lambda s, x: s.m2(x + s.m1(s.m0(x))), L2RMSNorm(), nn.Linear(D, D), nn.LayerNorm(D)).sites
+    assert site.reader_paths == ("m0",)
+
+
+def test_a_scale_norm_written_with_linalg_vector_norm_is_a_norm() -> None:
+    (site,) = stream_of(lambda s, x: s.m2(x + s.m1(s.m0(x))), ScaleNorm(), nn.Linear(D, D), nn.LayerNorm(D)).sites
+    assert site.reader_paths == ("m0",)
+
+
+def test_an_l2_norm_over_another_dim_than_the_features_is_no_norm() -> None:
+    """Normalising over tokens mixes positions: not a per-token norm, so the branch reads the stream raw."""
+
+    class TokenNormalize(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.normalize(x, dim=1)
+
+    stream = stream_of(lambda s, x: s.m2(x + s.m1(s.m0(x))), TokenNormalize(), nn.Linear(D, D), nn.LayerNorm(D))
+    assert not stream.sites

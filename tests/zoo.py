@@ -604,12 +604,13 @@ def shared_layer_model() -> nn.Module:
     return unit_scale_(SharedLayerModel()).eval()
 
 
-def x_transformer(depth: int = 3) -> nn.Module:
+def x_transformer(depth: int = 3, **options) -> nn.Module:
     """x-transformers' decoder LM: every residual add sits in `AttentionLayers.forward`."""
     from x_transformers import Decoder, TransformerWrapper
 
     torch.manual_seed(0)
-    model = TransformerWrapper(num_tokens=VOCAB, max_seq_len=64, attn_layers=Decoder(dim=32, depth=depth, heads=4))
+    layers = Decoder(dim=32, depth=depth, heads=4, **options)
+    model = TransformerWrapper(num_tokens=VOCAB, max_seq_len=64, attn_layers=layers)
     return unit_scale_(model).eval()
 
 
