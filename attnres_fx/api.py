@@ -189,8 +189,9 @@ def _raw_read_message(name: str, stream: Stream) -> str:
     return head + (
         f"and this call returns stream values without a norm ({values}{', ...' if len(returned) > 3 else ''}; "
         "hidden states, e.g. `output_hidden_states=True`). Transformed, such outputs are depth mixes where they leave "
-        "a layer (at init the stream over its number of sources), the block's partial sum inside one. Transform with an example call that does not return them, or pass "
-        "allow_unnormalized_reads=True to accept mixes as those outputs."
+        "a layer (at init the stream over its number of sources), the block's partial sum inside one. Transform with "
+        "an example call that does not return them, or pass allow_unnormalized_reads=True to accept mixes as those "
+        "outputs."
     )
 
 

@@ -8,9 +8,9 @@ sublayers in one call form one layer; a module called at several depths (a share
 
 For each layer: the norms that read the stream inside it (a submodule that computes a norm gets a pre-hook; a norm
 that the layer's forward computes itself is `functional`, and that forward is rewritten one level deep, see
-`passes/functional_norms.py`), the argument through which the stream enters it (None where the stream starts inside the first
-layer) and the output through which it leaves. The captured graph says which modules and calls; the calls recorded
-while capturing say which argument and which output.
+`passes/functional_norms.py`), the argument through which the stream enters it (None where the stream starts inside
+the first layer) and the output through which it leaves. The captured graph says which modules and calls; the
+calls recorded while capturing say which argument and which output.
 """
 
 from __future__ import annotations
@@ -155,7 +155,8 @@ def _locate_stream_arguments(
         entered = previous_output if k else read
         where = _position_of(entered, args, kwargs)
         if k and (where is None or (read is not None and read is not entered)):
-            return f"the stream is changed on its way into `{layer.path}` (before the norm of sublayer {layer.first_site})"
+            first = layer.first_site
+            return f"the stream is changed on its way into `{layer.path}` (before the norm of sublayer {first})"
         if not k and where is None:  # the stream starts inside the first layer
             if read is None:
                 return (

@@ -6,7 +6,6 @@ import torch
 import zoo
 
 import attnres_fx
-from attnres_fx import ops
 
 
 def outputs_and_grads(tmodel, ids):

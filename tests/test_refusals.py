@@ -139,7 +139,8 @@ def test_an_unrewritable_forward_is_refused_and_leaves_the_model_as_it_was() -> 
     x = torch.randn(2, 5, 32)
     with torch.no_grad():
         before = model(x)
-    with pytest.raises(AttnResError, match=r"`0` \(MaskedBlock\) computes a norm .* optional or variadic arguments \(mask\)"):
+    refusal = r"`0` \(MaskedBlock\) computes a norm .* optional or variadic arguments \(mask\)"
+    with pytest.raises(AttnResError, match=refusal):
         attnres_fx.transform(model, (x,))
     assert not hasattr(model, "attnres") and "forward" not in model[0].__dict__
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())

@@ -549,10 +549,8 @@ class RootForwardGPT(nn.Module):
     def __init__(self, d: int = 32, layers: int = 3, vocab: int = VOCAB):
         super().__init__()
         self.wte = nn.Embedding(vocab, d)
-        self.subs = nn.ModuleList(
-            Sublayer(d, nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d)) if i % 2 else nn.Linear(d, d))
-            for i in range(2 * layers)
-        )
+        mlp = lambda: nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))  # noqa: E731
+        self.subs = nn.ModuleList(Sublayer(d, mlp() if i % 2 else nn.Linear(d, d)) for i in range(2 * layers))
         self.ln_f = nn.LayerNorm(d)
         self.lm_head = nn.Linear(d, vocab, bias=False)
 

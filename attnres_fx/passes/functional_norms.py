@@ -43,7 +43,8 @@ def rewrite_forward(module: nn.Module, layout: LayerLayout) -> Callable[..., Any
     code = graph.python_code(root_module="self")
     namespace = dict(code.globals)
     # the generated source of our own rewritten graph (as torch.fx's GraphModule.recompile does)
-    exec(compile(code.src, f"<attnres_fx: {type(module).__name__}.forward, rewritten>", "exec"), namespace)  # noqa: S102
+    source = compile(code.src, f"<attnres_fx: {type(module).__name__}.forward, rewritten>", "exec")
+    exec(source, namespace)  # noqa: S102
     return namespace["forward"]
 
 
