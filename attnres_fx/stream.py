@@ -316,8 +316,21 @@ class _StreamFinder:
             for r in self._tensor_readers(value):
                 if r in adds or (r.op != "output" and self.is_norm(r)):
                     continue
+                if i == len(values) - 1 and self._normalised_through_token_ops(r):
+                    continue  # the final value, pooled or with other tokens, then normalised per token
                 reads.append(UnnormalizedRead(r, module_path(r), i))
         return reads
+
+    def _normalised_through_token_ops(self, node: Node) -> bool:
+        """`node` is an op that scales with its stream input token by token (a slice or select of tokens, a
+        concatenation with other tokens, a mean or sum over tokens, padding or transposing tokens), and everything
+        it feeds is such an op or a norm: at zero init the depth mix in place of the stream changes nothing there."""
+        if not _is_token_op(node):
+            return False
+        readers = [u for u in node.users if is_tensor(u)]
+        return bool(readers) and all(
+            u.op != "output" and (self.is_norm(u) or self._normalised_through_token_ops(u)) for u in readers
+        )
 
     # --- eps -----------------------------------------------------------------------------------
 
@@ -330,6 +343,36 @@ class _StreamFinder:
             if eps is not None:
                 return eps
         return DEFAULT_EPS
+
+
+def _is_token_op(n: Node) -> bool:
+    """An op that keeps each token's features as they are, up to a common scale: it moves, picks, pads, pools or
+    concatenates along dims other than the last (the features)."""
+    if n.op != "call_function" or not n.args or not isinstance(n.meta.get("val"), torch.Tensor):
+        return False
+    first = n.args[0][0] if n.target is aten.cat.default else n.args[0]
+    if not isinstance(first, Node) or not isinstance(first.meta.get("val"), torch.Tensor):
+        return False
+    ndim = first.meta["val"].dim()
+    last = ndim - 1
+
+    def arg(i: int, default: object) -> object:
+        return n.args[i] if len(n.args) > i else default
+
+    if n.target in (aten.slice.Tensor, aten.select.int, aten.unsqueeze.default, aten.squeeze.dim):
+        return arg(1, 0) % max(ndim, 1) != last
+    if n.target is aten.cat.default:
+        return arg(1, 0) % ndim != last
+    if n.target in (aten.mean.dim, aten.sum.dim_IntList):
+        dims = arg(1, None)
+        return dims is not None and all(d % ndim != last for d in dims)
+    if n.target is aten.transpose.int:
+        return last not in (arg(1, 0) % ndim, arg(2, 0) % ndim)
+    if n.target is aten.permute.default:
+        return arg(1, [])[-1] % ndim == last
+    if n.target in (aten.constant_pad_nd.default, aten.pad.default):
+        return tuple(arg(1, (0, 0))[:2]) == (0, 0)
+    return False
 
 
 def _holds_adds(nodes: list[Node]) -> bool:

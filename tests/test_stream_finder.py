@@ -152,3 +152,32 @@ def test_an_l2_norm_over_another_dim_than_the_features_is_no_norm() -> None:
 
     stream = stream_of(lambda s, x: s.m2(x + s.m1(s.m0(x))), TokenNormalize(), nn.Linear(D, D), nn.LayerNorm(D))
     assert not stream.sites
+
+
+def final_read(read) -> Stream:
+    """Two pre-norm sublayers, then `read(stream)` as the final read."""
+    return stream_of(lambda s, x: read(s, x + s.m1(s.m0(x))), nn.LayerNorm(D), nn.Linear(D, D), nn.LayerNorm(D))
+
+
+def test_token_ops_before_the_final_norm_are_a_normalised_read() -> None:
+    """Pooling over tokens (BEiT's `fc_norm(x[:, 1:].mean(1))`), concatenating other tokens (CaiT's
+    `norm(cat(cls, x))`), padding or transposing tokens: each scales with the stream token by token."""
+    reads = [
+        lambda s, x: s.m2(x[:, 1:].mean(1)),
+        lambda s, x: s.m2(torch.cat([torch.ones(x.shape[0], 1, D), x], dim=1)),
+        lambda s, x: s.m2(F.pad(x, (0, 0, 1, 0)).transpose(0, 1)),
+    ]
+    for read in reads:
+        stream = final_read(read)
+        assert len(stream.sites) == 1 and not stream.unnormalized_reads
+
+
+def test_an_op_that_mixes_features_or_adds_to_the_stream_before_the_norm_is_a_raw_read() -> None:
+    reads = [
+        lambda s, x: s.m2(x.mean(-1, keepdim=True).expand_as(x)),  # pools the features
+        lambda s, x: s.m2(x[:, 1:] + 1.0),  # adds an unscaled tensor
+        lambda s, x: s.m2(torch.cat([x, x], dim=-1)[..., :D]),  # concatenates features
+    ]
+    for read in reads:
+        stream = final_read(read)
+        assert len(stream.sites) == 1 and stream.unnormalized_reads

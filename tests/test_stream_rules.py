@@ -218,3 +218,26 @@ def test_the_models_own_forward_runs_at_lengths_export_specialised_away(branch: 
         x = torch.randn(3, length, D)
         with torch.no_grad():
             assert zoo.rel_err(tmodel(x), original(x)) < 5e-4
+
+
+TOKEN_OP_READERS = {  # timm models whose stream's end reaches its norm through token ops (tiny configs)
+    "cait_xxs24_224": dict(depth=3, depth_token_only=1, init_values=0.5),  # norm1(cat(cls, x)), norm(cat(cls, x))
+    "beit_base_patch16_224": dict(depth=3),  # fc_norm(x[:, 1:].mean(1))
+}
+
+
+@pytest.mark.parametrize("name", list(TOKEN_OP_READERS))
+def test_a_stream_end_read_through_token_ops_then_a_norm_is_pre_norm(name: str) -> None:
+    import timm
+
+    torch.manual_seed(0)
+    config = dict(img_size=32, patch_size=8, embed_dim=64, num_heads=4, num_classes=10, **TOKEN_OP_READERS[name])
+    model = zoo.unit_scale_(timm.create_model(name, pretrained=False, **config)).eval()
+    original = copy.deepcopy(model)
+    tmodel = attnres_fx.transform(model, (torch.randn(2, 3, 32, 32),))
+    assert len(attnres_fx.plan(tmodel).sites) == 6
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert zoo.rel_err(tmodel(x), original(x)) < 1e-4
+        zoo.random_depth_(tmodel)
+        assert zoo.rel_err(tmodel(x), original(x)) > 1e-2
