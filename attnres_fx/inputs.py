@@ -38,10 +38,25 @@ def default_example_inputs(model: nn.Module) -> tuple[tuple[Any, ...], dict[str,
         return (), from_config
     pretrained_cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(pretrained_cfg, dict) and pretrained_cfg.get("input_size"):
-        return (torch.randn(2, *pretrained_cfg["input_size"], device=device, dtype=dtype),), {}
+        channels, *size = pretrained_cfg["input_size"]
+        size = _built_image_size(model) or size
+        return (torch.randn(2, channels, *size, device=device, dtype=dtype),), {}
     raise AttnResError(
         f"attnres_fx cannot guess inputs for {type(model).__name__}: it builds them only for Hugging "
         "Face models whose `main_input_name` is input_ids, pixel_values or input_features (from their config) "
-        "and timm models (images of `pretrained_cfg['input_size']`). Pass `example_inputs=` a tuple of positional "
+        "and timm models (images of the size their patch embedding was built for, else of "
+        "`pretrained_cfg['input_size']`). Pass `example_inputs=` a tuple of positional "
         "args or a dict of keyword args that the model accepts, e.g. `transform(model, (torch.randn(2, 16, 64),))`."
     )
+
+
+def _built_image_size(model: nn.Module) -> list[int] | None:
+    """The image size a timm model was built for (`create_model(..., img_size=64)`), where its patch embedding keeps
+    it: `pretrained_cfg` keeps the pretrained size."""
+    for module in model.modules():
+        size = getattr(module, "img_size", None)
+        if isinstance(size, int):
+            return [size, size]
+        if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) for v in size):
+            return list(size)
+    return None

@@ -234,7 +234,7 @@ def test_a_stream_end_read_through_token_ops_then_a_norm_is_pre_norm(name: str) 
     config = dict(img_size=32, patch_size=8, embed_dim=64, num_heads=4, num_classes=10, **TOKEN_OP_READERS[name])
     model = zoo.unit_scale_(timm.create_model(name, pretrained=False, **config)).eval()
     original = copy.deepcopy(model)
-    tmodel = attnres_fx.transform(model, (torch.randn(2, 3, 32, 32),))
+    tmodel = attnres_fx.transform(model)  # example images of the size it was built for (32), not its pretrained 224
     assert len(attnres_fx.plan(tmodel).sites) == 6
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
