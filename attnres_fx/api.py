@@ -89,9 +89,10 @@ def transform(
     plan = make_plan(branches, eps, stream.final_eps, num_blocks, block_size, _rewritten(layers))
     start = stream.start.meta["val"]
     device = next((p.device for p in model.parameters()), start.device)
-    params = AttnResParameters(plan, _concrete(start.shape[-1]), device, start.dtype)
+    params = AttnResParameters(plan, _concrete(start.shape[stream.feature_dim]), device, start.dtype)
     start_module = find_stream_start(layers, calls)
-    runtime = DepthRuntime(plan, layers, params, start_module, stream.final_reader_paths, "two_phase" in passes)
+    two_phase = "two_phase" in passes
+    runtime = DepthRuntime(plan, layers, params, start_module, stream.final_reader_paths, two_phase, stream.feature_dim)
     runtime.install(model)
     model.add_module(PARAMETER_PREFIX, params)
     hf.record_settings(model, plan.block_size, len(plan.sites))

@@ -79,8 +79,10 @@ class DepthRuntime:
         start: str | None,
         final_norms: tuple[str, ...],
         two_phase: bool,
+        feature_dim: int = -1,
     ):
         self.plan, self.layers, self.params, self.two_phase = plan, layers, params, two_phase
+        self.feature_dim = feature_dim  # the stream's channels, from the end: the depth state holds them last
         self.start_path, self.final_norms = start, final_norms  # where the stream starts, what reads its end
         self.slots = plan.final.num_completed  # the most completed sources any sublayer reads: a fixed bank's size
         self.key_eps = tuple(sorted({s.eps for s in plan.parametrised})) if two_phase else ()
@@ -241,6 +243,7 @@ class DepthRuntime:
 
     def start(self, x: Tensor, first: _DepthForward) -> DepthState:
         """The state at the stream's start `x`, with the first block scored for the sublayers after the first."""
+        x = self._features_last(x)
         exact = state.from_sources([x], self.key_eps, None)
         slots = self.bank_slots(first)
         depth = exact if slots is None else state.from_sources([x], self.key_eps, None, slots)
@@ -274,11 +277,24 @@ class DepthRuntime:
         that ends before that sublayer is completed first."""
         partial = value if call.base is None else value - call.base
         if call.program.position(offset) == 0:
-            call.depth, call.base, call.scores = call.depth.completed(partial, self.key_eps), value, None
+            block = self._features_last(partial)
+            call.depth, call.base, call.scores = call.depth.completed(block, self.key_eps), value, None
             return self._mix(call, offset, None), None
         return self._mix(call, offset, partial), partial
 
     def _mix(self, call: _LayerCall, offset: int, partial: Tensor | None) -> Tensor:
+        """The depth mix of sublayer `offset`, in the stream's layout."""
+        partial = None if partial is None else self._features_last(partial)
+        return self._features_back(self._attend(call, offset, partial))
+
+    def _features_last(self, x: Tensor) -> Tensor:
+        """A channels-first stream value with its channels last (a view), as depth attention computes over them."""
+        return x if self.feature_dim == -1 else x.movedim(self.feature_dim, -1)
+
+    def _features_back(self, x: Tensor) -> Tensor:
+        return x if self.feature_dim == -1 else x.movedim(-1, self.feature_dim)
+
+    def _attend(self, call: _LayerCall, offset: int, partial: Tensor | None) -> Tensor:
         program, depth = call.program, call.depth
         eps = program.eps[offset - 1]
         query, key_weight = site_weights(call.params[offset - 1])

@@ -102,6 +102,7 @@ class Stream:
     unnormalized_reads: list[UnnormalizedRead]
     raw_residuals: list[RawResidual]  # `h + f(h)` adds whose branch reads h raw
     final_readers: tuple[Node, ...] = ()  # the norm nodes that read the final stream value
+    feature_dim: int = -1  # the stream's feature (channel) dim, from the end: -3 for a channels-first N,C,H,W
 
     @property
     def final_reader_paths(self) -> tuple[str, ...]:
@@ -183,7 +184,9 @@ class _StreamFinder:
             site.readers = self._norm_readers(site.stream, adds)
         final_eps = self._eps_of_readers(values[-1])
         reads = self._unnormalized_reads(values, chain)
-        return Stream(chain[0].stream, chain, final_eps, reads, raw_residuals, self._norm_readers(values[-1], adds))
+        final_readers = self._norm_readers(values[-1], adds)
+        feature_dim = _feature_dim(chain[0].readers, chain[0].stream)
+        return Stream(chain[0].stream, chain, final_eps, reads, raw_residuals, final_readers, feature_dim)
 
     # --- one add -------------------------------------------------------------------------------
 
@@ -343,6 +346,21 @@ class _StreamFinder:
             if eps is not None:
                 return eps
         return DEFAULT_EPS
+
+
+def _feature_dim(readers: tuple[Node, ...], stream: Node) -> int:
+    """The dim a sublayer's norm normalises the stream over (from the end): the channels of a group norm, the dim a
+    permute or transpose moves last before a layer norm (timm's LayerNorm2d), otherwise the last."""
+    ndim = stream.meta["val"].dim()
+    for r in readers:
+        if r.target in (aten.group_norm.default, aten.native_group_norm.default):
+            return 1 - ndim
+        if r.target is aten.permute.default:
+            return r.args[1][-1] % ndim - ndim
+        if r.target is aten.transpose.int and (ndim - 1) in (r.args[1] % ndim, r.args[2] % ndim):
+            a, b = r.args[1] % ndim, r.args[2] % ndim
+            return (a if b == ndim - 1 else b) - ndim
+    return -1
 
 
 def _is_token_op(n: Node) -> bool:

@@ -241,3 +241,67 @@ def test_a_stream_end_read_through_token_ops_then_a_norm_is_pre_norm(name: str) 
         assert zoo.rel_err(tmodel(x), original(x)) < 1e-4
         zoo.random_depth_(tmodel)
         assert zoo.rel_err(tmodel(x), original(x)) > 1e-2
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm's channels-first LayerNorm: over C of N,C,H,W, by moving it last."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ChannelsFirst(nn.Module):
+    """A MetaFormer-like stream in N,C,H,W: GroupNorm(1, C) and LayerNorm2d before convolutions."""
+
+    def __init__(self, c: int = 8, layers: int = 4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        norm = lambda i: nn.GroupNorm(1, c, eps=1e-6) if i % 2 else LayerNorm2d(c, eps=1e-6)  # noqa: E731
+        self.norms = nn.ModuleList(norm(i) for i in range(layers))
+        self.branches = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for _ in range(layers))
+        self.final = nn.GroupNorm(1, c, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for norm, branch in zip(self.norms, self.branches):
+            h = h + branch(norm(h))
+        return self.final(h).mean((2, 3))
+
+
+def test_a_channels_first_stream_attends_over_channels_at_any_image_size() -> None:
+    """Keys are normalised and dotted over the channels (dim 1), not the width, so any image size works; equal to
+    the reference run with the channels moved last."""
+    torch.manual_seed(0)
+    model = zoo.unit_scale_(ChannelsFirst())
+    original = copy.deepcopy(model)
+    tmodel = attnres_fx.transform(model, (torch.randn(2, 3, 16, 16),), block_size=2)
+    assert tmodel.attnres.site_1.key_weight.shape == (8,)
+    with torch.no_grad():
+        x = torch.randn(2, 3, 24, 20)
+        assert zoo.rel_err(tmodel(x), original(x)) < 1e-4
+    params = reference.random_site_parameters_(tmodel)
+    last, back = (lambda t: t.movedim(1, -1)), (lambda t: t.movedim(-1, 1))
+    sublayers = [lambda h, n=n, b=b: last(b(n(back(h)))) for n, b in zip(original.norms, original.branches)]
+    for size in [(16, 16), (24, 20)]:
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            mixed = back(reference.block_attnres(last(original.stem(x)), sublayers, params, 2, 1e-6))
+            assert zoo.rel_err(tmodel(x), original.final(mixed).mean((2, 3))) < 1e-4
+            assert zoo.rel_err(tmodel(x), original(x)) > 1e-2
+
+
+def test_poolformer_v2_channels_first_stream_preserves_the_function_at_two_image_sizes() -> None:
+    import timm
+
+    torch.manual_seed(0)
+    model = zoo.unit_scale_(timm.create_model("poolformerv2_s12", pretrained=False, num_classes=10)).eval()
+    original = copy.deepcopy(model)
+    tmodel = attnres_fx.transform(model, (torch.randn(2, 3, 64, 64),))
+    assert tmodel.attnres.site_1.key_weight.shape == (64,)  # stage 0's channels
+    for size in (64, 96):
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            assert zoo.rel_err(tmodel(x), original(x)) < 1e-4
+    zoo.random_depth_(tmodel)
+    with torch.no_grad():
+        assert zoo.rel_err(tmodel(x), original(x)) > 1e-2
