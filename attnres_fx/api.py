@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -26,12 +26,19 @@ from .errors import (
 )
 from .hooks import DepthRuntime
 from .inputs import ExampleInputs, as_call, default_example_inputs
-from .layers import LayerLayout, find_layers, find_stream_start, recording_module_calls
+from .layers import (
+    LayerLayout,
+    ModuleCall,
+    find_layers,
+    find_stream_start,
+    innermost_common_call,
+    recording_module_calls,
+)
 from .parallel import refuse_distributed
-from .parameters import AttnResParameters
+from .parameters import AttnResParameters, AttnResStreams
 from .passes import DEFAULT_PASSES, check_pass_names
-from .plan import PARAMETER_PREFIX, Plan, make_plan
-from .stream import Stream, find_stream
+from .plan import PARAMETER_PREFIX, Plan, SkippedStream, make_plan
+from .stream import RawResidual, Stream, find_streams
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -44,6 +51,7 @@ def transform(
     block_size: int | None = None,
     allow_unnormalized_reads: bool = False,
     passes: Sequence[str] = DEFAULT_PASSES,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
 ) -> M:
     """Apply Block AttnRes to a pre-norm residual model, without editing its code.
 
@@ -56,15 +64,20 @@ def transform(
         allow_unnormalized_reads: transform even where the stream is read without a norm (post-norm models, raw
             hidden-state outputs); the fresh model then no longer computes the original function.
         passes: the depth-attention optimisations to apply (all by default; `()` = one plain softmax per sublayer).
+        filter_fn: `filter_fn(module, path)` for the module whose forward holds a stream's residual adds (an
+            encoder, a decoder, a vision tower, a stage): transform that stream only where it returns True. Every
+            pre-norm stream by default.
 
     Returns:
         `model` itself, modified in place: its own forward and modules run at every call, with an `attnres`
-        submodule (state-dict keys `attnres.*`) and hooks on the modules the stream crosses.
+        submodule (state-dict keys `attnres.*`; `attnres.stream_<k>.*` where several streams are transformed) and
+        hooks on the modules each stream crosses. A stream that cannot be transformed is left exactly as it was,
+        with a warning, and `attnres_fx.plan(model)` says why.
     """
     _refuse_transformed(model)
     refuse_distributed(model)
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-        options = dict(num_blocks=num_blocks, block_size=block_size, passes=passes)
+        options = dict(num_blocks=num_blocks, block_size=block_size, passes=passes, filter_fn=filter_fn)
         return _transform_compiled(model, example_inputs, allow_unnormalized_reads=allow_unnormalized_reads, **options)
     check_pass_names(passes)
     if num_blocks < 1 or (block_size is not None and block_size < 1):
@@ -81,21 +94,34 @@ def transform(
     _report(hf.use_capturable_experts(model))
     key, tensors = split_inputs(args, kwargs, model.training)
     with recording_module_calls(model) as calls:
-        stream = _checked_stream(capture(model, key, tensors), model, allow_unnormalized_reads)
-    layers = find_layers(stream, calls)
-    if isinstance(layers, str):
-        raise UnfollowableStreamError(_unfollowable_message(type(model).__name__, stream, layers))
-    branches, eps = [s.branch_modules for s in stream.sites], [s.eps for s in stream.sites]
-    plan = make_plan(branches, eps, stream.final_eps, num_blocks, block_size, _rewritten(layers))
-    start = stream.start.meta["val"]
-    device = next((p.device for p in model.parameters()), start.device)
-    params = AttnResParameters(plan, _concrete(start.shape[stream.feature_dim]), device, start.dtype)
-    start_module = find_stream_start(layers, calls)
-    two_phase = "two_phase" in passes
-    runtime = DepthRuntime(plan, layers, params, start_module, stream.final_reader_paths, two_phase, stream.feature_dim)
-    runtime.install(model)
-    model.add_module(PARAMETER_PREFIX, params)
-    hf.record_settings(model, plan.block_size, len(plan.sites))
+        captured = capture(model, key, tensors)
+    streams = _found_streams(captured, type(model).__name__)
+    chosen, skipped = _choose_streams(model, streams, calls, filter_fn, allow_unnormalized_reads)
+    several = len(chosen) > 1
+    device = next((p.device for p in model.parameters()), streams[0].start.meta["val"].device)
+    stream_params, runtimes = [], []
+    for k, (stream, layers) in enumerate(chosen):
+        branches, eps = [s.branch_modules for s in stream.sites], [s.eps for s in stream.sites]
+        root, name = _root(stream), f"stream_{k}" if several else ""
+        splan = make_plan(branches, eps, stream.final_eps, num_blocks, block_size, _rewritten(layers), root, name)
+        start = stream.start.meta["val"]
+        params = AttnResParameters(splan, _concrete(start.shape[stream.feature_dim]), device, start.dtype)
+        start_module = find_stream_start(layers, calls)
+        two_phase = "two_phase" in passes
+        readers = stream.final_reader_paths
+        runtimes.append(DepthRuntime(splan, layers, params, start_module, readers, two_phase, stream.feature_dim))
+        stream_params.append(params)
+    prepared = [runtime.prepare(model) for runtime in runtimes]  # every refusal before the model is touched
+    for runtime, installation in zip(runtimes, prepared):
+        runtime.apply(model, installation)
+    model_plan = Plan(tuple(p.plan for p in stream_params), tuple(skip for skip, _ in skipped))
+    attnres = AttnResStreams(stream_params, model_plan) if several else stream_params[0]
+    attnres.model_plan = model_plan
+    model.add_module(PARAMETER_PREFIX, attnres)
+    hf.record_settings(model, model_plan, num_blocks, block_size)
+    for skip, _ in skipped:
+        _report(f"{type(model).__name__}: left `{skip.root or 'the model'}` ({skip.sublayers} sublayers) as it was: "
+                f"{skip.reason}")
     return model
 
 
@@ -113,7 +139,12 @@ def from_pretrained(model_class: Any, path: str | os.PathLike, **kwargs: Any) ->
             f"transformed model. Load it with `{getattr(model_class, '__name__', model_class)}.from_pretrained` and "
             "transform it."
         )
-    model = transform(model, block_size=settings["block_size"])
+    if "streams" in settings:  # several streams: the same options, the same streams
+        roots = set(settings["streams"])
+        options = dict(num_blocks=settings["num_blocks"], block_size=settings["block_size"])
+        model = transform(model, filter_fn=lambda module, path: path in roots, **options)
+    else:
+        model = transform(model, block_size=settings["block_size"])
     missing, unexpected = model.load_state_dict(hf.attnres_tensors(path), strict=False)
     absent = [k for k in missing if k.startswith(PARAMETER_PREFIX + ".")]
     if absent or unexpected:
@@ -125,20 +156,21 @@ def from_pretrained(model_class: Any, path: str | os.PathLike, **kwargs: Any) ->
 
 
 def plan(model: nn.Module) -> Plan:
-    """What `transform` found and rewrote: the ordered sites, the final aggregation and how it executes."""
+    """What `transform` found and rewrote: each transformed stream's ordered sites and final aggregation, and the
+    streams left as they were, with why."""
     params = _attnres_parameters(model)
-    if params is None:
+    if params is None or params.model_plan is None:
         raise AttnResError(f"plan() takes a model returned by attnres_fx.transform; got {type(model).__name__}.")
-    return params.plan
+    return params.model_plan
 
 
 @torch.no_grad()
 def depth_weights(model: nn.Module, *args: Any, per_token: bool = False, **kwargs: Any) -> dict[str, Tensor]:
     """Each site's softmax weights over its sources for one call of the model.
 
-    Returns a dict from site name (`site_1`, ..., `final`) to weights of shape [num_sources] (averaged over
-    tokens) or, with `per_token=True`, [num_sources, *token dims]. The sources are ordered as in the paper: stream
-    start, completed blocks, partial sum.
+    Returns a dict from site name (`site_1`, ..., `final`; `stream_0.site_1`, ... with several streams) to weights
+    of shape [num_sources] (averaged over tokens) or, with `per_token=True`, [num_sources, *token dims]. The
+    sources are ordered as in the paper: stream start, completed blocks, partial sum.
     """
     records = site_records(model, args, kwargs)
     return {name: (r.weights if per_token else r.weights.flatten(1).mean(1)) for name, r in records.items()}
@@ -146,7 +178,7 @@ def depth_weights(model: nn.Module, *args: Any, per_token: bool = False, **kwarg
 
 def site_records(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, ops.SiteRecord]:
     """Run the model once, each site computed the plain way, and return what each parametrised site computed."""
-    names = [s.name for s in plan(model).parametrised]
+    names = [s.query.removeprefix(PARAMETER_PREFIX + ".").removesuffix(".query") for s in plan(model).parametrised]
     with ops.recording() as records:
         model(*args, **kwargs)
     if len(records) != len(names):
@@ -154,10 +186,9 @@ def site_records(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[
     return dict(zip(names, records))
 
 
-def _checked_stream(captured: CapturedGraph, model: nn.Module, allow_unnormalized_reads: bool) -> Stream:
-    name = type(model).__name__
-    stream = find_stream(captured.gm.graph)
-    if not stream.sites:
+def _found_streams(captured: CapturedGraph, name: str) -> list[Stream]:
+    streams, raw = find_streams(captured.gm.graph)
+    if not streams:
         opaque = captured.opaque_paths
         hidden = (
             f" Note: export failed inside {', '.join(opaque[:3])}, which were kept opaque, so their insides were "
@@ -165,10 +196,55 @@ def _checked_stream(captured: CapturedGraph, model: nn.Module, allow_unnormalize
             if opaque
             else ""
         )
-        raise NoResidualStreamError(_no_stream_message(name, stream) + hidden)
-    if stream.unnormalized_reads and not allow_unnormalized_reads:
-        raise UnnormalizedReadError(_raw_read_message(name, stream))
-    return stream
+        raise NoResidualStreamError(_no_stream_message(name, raw) + hidden)
+    return streams
+
+
+def _choose_streams(
+    model: nn.Module,
+    streams: list[Stream],
+    calls: dict[str, list[ModuleCall]],
+    filter_fn: Callable[[nn.Module, str], bool] | None,
+    allow_unnormalized_reads: bool,
+) -> tuple[list[tuple[Stream, tuple[LayerLayout, ...]]], list[tuple[SkippedStream, AttnResError]]]:
+    """The streams to transform with their layers, and those left as they were (with the error each would raise
+    alone). Where none is left to transform, the longest one's error."""
+    name = type(model).__name__
+    chosen, skipped = [], []
+    for stream in streams:
+        root = _root(stream)
+        if filter_fn is not None and not filter_fn(model.get_submodule(root), root):
+            error = AttnResError(f"{name}: filter_fn chose none of the {len(streams)} pre-norm streams found.")
+            skipped.append((SkippedStream(root, len(stream.sites), _NOT_CHOSEN), error))
+            continue
+        if stream.unnormalized_reads and not allow_unnormalized_reads:
+            error = UnnormalizedReadError(_raw_read_message(name, stream))
+            skipped.append((SkippedStream(root, len(stream.sites), _raw_read_reason(stream)), error))
+            continue
+        layers = find_layers(stream, calls)
+        if isinstance(layers, str):
+            error = UnfollowableStreamError(_unfollowable_message(name, stream, layers))
+            skipped.append((SkippedStream(root, len(stream.sites), layers), error))
+            continue
+        chosen.append((stream, layers))
+    if not chosen:  # the longest stream's error, among those filter_fn chose
+        considered = [s for s in skipped if s[0].reason != _NOT_CHOSEN] or skipped
+        raise max(considered, key=lambda s: s[0].sublayers)[1]
+    return chosen, skipped
+
+
+_NOT_CHOSEN = "not chosen by filter_fn"
+
+
+def _root(stream: Stream) -> str:
+    """The module whose forward holds the stream: the innermost module call that holds all its residual adds."""
+    return innermost_common_call([s.add for s in stream.sites])[0]
+
+
+def _raw_read_reason(stream: Stream) -> str:
+    r = stream.unnormalized_reads[0]
+    where = r.module or "the model"
+    return f"{_stream_value(r.stream_index)} is read without a norm by `{r.reader.target}` in `{where}`"
 
 
 def _raw_read_message(name: str, stream: Stream) -> str:
@@ -215,8 +291,7 @@ def _stream_value(index: int) -> str:
     return "the stream's start" if index == 0 else f"the stream after sublayer {index - 1}"
 
 
-def _no_stream_message(name: str, stream: Stream) -> str:
-    raw = stream.raw_residuals
+def _no_stream_message(name: str, raw: list[RawResidual]) -> str:
     if raw:
         r = raw[0]
         if r.post_norm:
@@ -248,8 +323,8 @@ def _concrete(size: int | torch.SymInt) -> int:
     return size.node.hint if isinstance(size, torch.SymInt) else size
 
 
-def _attnres_parameters(model: nn.Module) -> AttnResParameters | None:
-    return next((m for m in model.modules() if isinstance(m, AttnResParameters)), None)
+def _attnres_parameters(model: nn.Module) -> AttnResParameters | AttnResStreams | None:
+    return next((m for m in model.modules() if isinstance(m, (AttnResParameters, AttnResStreams))), None)
 
 
 def _transform_compiled(compiled: nn.Module, example_inputs: ExampleInputs | None, **options: Any) -> nn.Module:
@@ -261,7 +336,7 @@ def _transform_compiled(compiled: nn.Module, example_inputs: ExampleInputs | Non
 
 def _refuse_transformed(model: nn.Module) -> None:
     for path, module in model.named_modules():
-        if isinstance(module, AttnResParameters):
+        if isinstance(module, (AttnResParameters, AttnResStreams)):
             owner = path.rpartition(".")[0]
             where = f"submodule `{owner}`" if owner else "the model"
             raise AlreadyTransformedError(

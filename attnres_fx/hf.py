@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .plan import Plan
+
 _CAPTURABLE_EXPERTS = "grouped_mm"
 
 
@@ -56,8 +58,17 @@ def use_capturable_experts(model: nn.Module) -> str | None:
 
 
 def example_inputs(model: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, Any] | None:
-    """One example call built from the config, by the model's `main_input_name`: token ids for text models,
-    images for vision encoders (ViT, DINOv2, SigLIP), log-mel features for speech encoders (Whisper); else None."""
+    """One example call built from the config: the model's `main_input_name` (token ids for text models, images for
+    vision encoders such as ViT, DINOv2, SigLIP, log-mel features for speech encoders such as Whisper's), and decoder
+    ids for an encoder-decoder model (T5, Whisper); else None."""
+    inputs = _main_inputs(model, device, dtype)
+    config = getattr(model, "config", None)
+    if inputs is not None and getattr(config, "is_encoder_decoder", False) and getattr(config, "vocab_size", None):
+        inputs["decoder_input_ids"] = torch.randint(0, config.vocab_size, (2, 8), device=device)
+    return inputs
+
+
+def _main_inputs(model: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, Any] | None:
     config = getattr(model, "config", None)
     name = getattr(model, "main_input_name", None)
     if name == "input_ids" and getattr(config, "vocab_size", None):
@@ -80,14 +91,20 @@ def example_inputs(model: nn.Module, device: torch.device, dtype: torch.dtype) -
 SETTINGS_KEY = "attnres"  # under this name in an HF config: what `save_pretrained` writes to config.json
 
 
-def record_settings(model: nn.Module, block_size: int, sublayers: int) -> None:
-    """Put the AttnRes settings into an HF model's config, so that `save_pretrained` writes them."""
+def record_settings(model: nn.Module, plan: Plan, num_blocks: int, block_size: int | None) -> None:
+    """Put the AttnRes settings into an HF model's config, so that `save_pretrained` writes them: one stream's block
+    size and sublayers; with several, the options that cut them and which streams."""
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_json_string"):
-        setattr(config, SETTINGS_KEY, {"block_size": block_size, "sublayers": sublayers})
+    if config is None or not hasattr(config, "to_json_string"):
+        return
+    if len(plan.streams) == 1:
+        settings: dict[str, Any] = {"block_size": plan.block_size, "sublayers": len(plan.sites)}
+    else:
+        settings = {"num_blocks": num_blocks, "block_size": block_size, "streams": [s.root for s in plan.streams]}
+    setattr(config, SETTINGS_KEY, settings)
 
 
-def saved_settings(model: nn.Module) -> dict[str, int] | None:
+def saved_settings(model: nn.Module) -> dict[str, Any] | None:
     return getattr(getattr(model, "config", None), SETTINGS_KEY, None)
 
 

@@ -96,9 +96,9 @@ class DepthRuntime:
         self.__dict__.update(saved)
         self._local = threading.local()
 
-    def install(self, model: nn.Module) -> None:
-        """Give each layer its forward and each stream-reading norm its pre-hook. Everything is built (and a forward
-        rewritten) before the model is touched, so a refusal leaves it as it was."""
+    def prepare(self, model: nn.Module) -> tuple[list[_DepthForward], dict[str, list[int]]]:
+        """Each layer's forward, built (and rewritten where it computes a norm itself) without touching the model, so
+        that a refusal leaves it as it was."""
         programs: dict[LayerProgram, LayerProgram] = {}  # one object per configuration
         plans: dict[str, list[_LayerPlan]] = {}
         reads: dict[str, list[int]] = {}  # per norm module: the offsets it reads at, in call order within a layer
@@ -116,6 +116,11 @@ class DepthRuntime:
             container = (model.get_submodule(parent), key) if path else (module, "")
             forwards.append(_DepthForward(self, module, tuple(layer_plans), container))
             forwards[-1].body()  # a forward that cannot be rewritten is refused here
+        return forwards, reads
+
+    def apply(self, model: nn.Module, prepared: tuple[list[_DepthForward], dict[str, list[int]]]) -> None:
+        """Give each layer its forward and each stream-reading norm its pre-hook (the offsets it reads at)."""
+        forwards, reads = prepared
         for forward in forwards:
             forward.module.forward = forward
         for path, offsets in reads.items():

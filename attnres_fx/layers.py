@@ -96,7 +96,7 @@ def find_layers(stream: Stream, calls: dict[str, list[ModuleCall]]) -> tuple[Lay
 def _layers_from_graph(stream: Stream) -> list[LayerLayout] | str:
     runs: list[tuple[CallId, list[int]]] = []
     for j, site in enumerate(stream.sites):
-        call = _innermost_common_call([site.add, *site.inner_adds, *site.readers])
+        call = innermost_common_call([site.add, *site.inner_adds, *site.readers])
         if runs and runs[-1][0] == call:
             runs[-1][1].append(j)
         elif any(call == c for c, _ in runs):
@@ -130,7 +130,7 @@ def _add_offsets(site: Site, index: int) -> list[int | None]:
     return [None] * len(site.inner_adds) + [index + 1]
 
 
-def _innermost_common_call(nodes: list[Node]) -> CallId:
+def innermost_common_call(nodes: list[Node]) -> CallId:
     """The innermost module call that recorded every one of `nodes`."""
     stacks = [module_calls(n) or [("", 0)] for n in nodes]
     common = ("", 0)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import AttnResError
-from .plan import Plan
+from .plan import Plan, StreamPlan
 
 
 class SiteParameters(nn.Module):
@@ -26,13 +26,15 @@ class SiteParameters(nn.Module):
 
 
 class AttnResParameters(nn.Module):
-    """The `attnres` submodule of a transformed model: every SiteParameters under the names the plan gives
-    (`site_3`, `final`), the plan itself, and its settings in the state dict (`attnres._extra_state`), so that a
-    checkpoint cannot silently load into a model transformed with other settings."""
+    """One stream's parameters: the `attnres` submodule of a model with one transformed stream (`attnres.<stream>`
+    with several). Every SiteParameters under the names the plan gives (`site_3`, `final`), the plan itself, and its
+    settings in the state dict (`attnres._extra_state`), so that a checkpoint cannot silently load into a model
+    transformed with other settings."""
 
-    def __init__(self, plan: Plan, dim: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, plan: StreamPlan, dim: int, device: torch.device, dtype: torch.dtype):
         super().__init__()
         self.plan = plan
+        self.model_plan: Plan | None = None  # the whole model's, where this is its `attnres`
         for site in plan.parametrised:
             self.add_module(site.name, SiteParameters(dim, device, dtype))
 
@@ -49,6 +51,20 @@ class AttnResParameters(nn.Module):
 
     def _settings(self) -> tuple[int, int]:
         return (self.plan.block_size, len(self.plan.sites))
+
+
+class AttnResStreams(nn.Module):
+    """The `attnres` submodule of a model with several transformed streams: one AttnResParameters per stream."""
+
+    def __init__(self, streams: list[AttnResParameters], model_plan: Plan):
+        super().__init__()
+        for params in streams:
+            self.add_module(params.plan.name, params)
+        self.model_plan = model_plan
+
+    def reset_parameters(self) -> None:
+        for params in self.children():
+            params.reset_parameters()
 
 
 class Settings(Tensor):

@@ -56,6 +56,11 @@ def pipeline_stage(module: nn.Module, call: Callable[[Tensor], Tensor] | None = 
             "transformed model (`attnres_fx.transform(model)` first, then copy it per stage and remove the layers "
             "of the other stages)."
         )
+    if len({id(f.runtime) for f in forwards}) > 1:
+        raise AttnResError(
+            f"{type(module).__name__} holds layers of {len({id(f.runtime) for f in forwards})} transformed streams "
+            "(an encoder's and a decoder's, say): a pipeline stage holds consecutive layers of one stream."
+        )
     layouts = [f.layout for f in forwards]
     for a, b in zip(layouts, layouts[1:]):
         if a.end_site != b.first_site:

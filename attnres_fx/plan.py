@@ -1,4 +1,4 @@
-"""Plan blocks: cut the residual sublayers into blocks and name each site's parameters."""
+"""Plan blocks: cut each stream's residual sublayers into blocks and name each site's parameters."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 
 from tabulate import tabulate
+
+from .errors import AttnResError
 
 PARAMETER_PREFIX = "attnres"
 
@@ -39,13 +41,15 @@ class PlanSite:
 
 
 @dataclass(frozen=True)
-class Plan:
-    """The ordered sites of a transformed model and the final aggregation."""
+class StreamPlan:
+    """The ordered sites of one transformed stream and its final aggregation."""
 
     sites: tuple[PlanSite, ...]
     final: PlanSite
     block_size: int
     rewritten: tuple[str, ...] = ()  # layers whose forward computes a stream-reading norm: rewritten one level deep
+    root: str = ""  # the module whose forward holds the stream (its residual adds)
+    name: str = ""  # the submodule of `attnres` with its parameters; "" where it is the model's only stream
 
     @property
     def num_blocks(self) -> int:
@@ -67,10 +71,68 @@ class Plan:
             )
             for s in (*self.sites, self.final)
         ]
-        head = f"Block AttnRes: {len(self.sites)} sublayers, block_size {self.block_size}, {self.num_blocks} blocks\n"
+        where = f" in `{self.root}`" if self.root else ""
+        head = f"Block AttnRes{where}: {len(self.sites)} sublayers, block_size {self.block_size}, "
+        head += f"{self.num_blocks} blocks\n"
         if self.rewritten:
             head += f"forward rewritten one level deep (computes a norm itself): {', '.join(self.rewritten)}\n"
         return head + tabulate(rows, headers=["site", "block", "branch", "sources", "query", "key norm weight"])
+
+
+@dataclass(frozen=True)
+class SkippedStream:
+    """A pre-norm residual chain left exactly as it was, and why."""
+
+    root: str
+    sublayers: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `transform` found in a model: the streams it transformed, in graph order, and those it left as they
+    were. Where one stream was transformed, `sites`, `final`, `block_size`... are that stream's."""
+
+    streams: tuple[StreamPlan, ...]
+    skipped: tuple[SkippedStream, ...] = ()
+
+    @property
+    def only(self) -> StreamPlan:
+        if len(self.streams) != 1:
+            roots = ", ".join(f"`{s.root}`" for s in self.streams)
+            raise AttnResError(f"this model has {len(self.streams)} transformed streams ({roots}): use `.streams`")
+        return self.streams[0]
+
+    @property
+    def sites(self) -> tuple[PlanSite, ...]:
+        return self.only.sites
+
+    @property
+    def final(self) -> PlanSite:
+        return self.only.final
+
+    @property
+    def block_size(self) -> int:
+        return self.only.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self.only.num_blocks
+
+    @property
+    def rewritten(self) -> tuple[str, ...]:
+        return tuple(path for s in self.streams for path in s.rewritten)
+
+    @property
+    def parametrised(self) -> tuple[PlanSite, ...]:
+        """Every site with parameters, stream by stream."""
+        return tuple(site for s in self.streams for site in s.parametrised)
+
+    def __str__(self) -> str:
+        parts = [str(s) for s in self.streams]
+        for s in self.skipped:
+            parts.append(f"left as it was: `{s.root or '(the model)'}` ({s.sublayers} sublayers): {s.reason}")
+        return "\n\n".join(parts)
 
 
 def site_name(j: int, branch: tuple[str, ...]) -> str:
@@ -89,24 +151,27 @@ def make_plan(
     num_blocks: int,
     block_size: int | None,
     rewritten: tuple[str, ...] = (),
-) -> Plan:
-    """Assign each of the sublayers (given by their branch modules) to blocks."""
+    root: str = "",
+    name: str = "",
+) -> StreamPlan:
+    """Assign each of one stream's sublayers (given by their branch modules) to blocks."""
     count = len(branches)
     size = block_size or max(1, math.ceil(count / num_blocks))
+    prefix = ".".join(p for p in (PARAMETER_PREFIX, name) if p)
 
     def site(j: int, branch: tuple[str, ...], e: float) -> PlanSite:
         n = num_sources(j, size)
-        name = site_name(j, branch)
+        site_path = f"{prefix}.{site_name(j, branch)}"
         has_params = n > 1
         return PlanSite(
             index=j,
             block=j // size,
             branch=branch,
             num_sources=n,
-            query=f"{PARAMETER_PREFIX}.{name}.query" if has_params else None,
-            key_weight=f"{PARAMETER_PREFIX}.{name}.key_weight" if has_params else None,
+            query=f"{site_path}.query" if has_params else None,
+            key_weight=f"{site_path}.key_weight" if has_params else None,
             eps=e,
         )
 
     sites = tuple(site(j, b, e) for j, (b, e) in enumerate(zip(branches, eps)))
-    return Plan(sites, site(count, (), final_eps), size, rewritten)
+    return StreamPlan(sites, site(count, (), final_eps), size, rewritten, root, name)

@@ -94,13 +94,12 @@ class RawResidual:
 
 @dataclass
 class Stream:
-    """The residual chain: its start, its sites in order, and how its final value is normalised."""
+    """One residual chain: its start, its sites in order, and how its final value is normalised."""
 
-    start: Node | None  # None when no pre-norm residual add was found
+    start: Node
     sites: list[Site]
     final_eps: float
     unnormalized_reads: list[UnnormalizedRead]
-    raw_residuals: list[RawResidual]  # `h + f(h)` adds whose branch reads h raw
     final_readers: tuple[Node, ...] = ()  # the norm nodes that read the final stream value
     feature_dim: int = -1  # the stream's feature (channel) dim, from the end: -3 for a channels-first N,C,H,W
 
@@ -142,8 +141,10 @@ def is_tensor(node: object) -> bool:
     )
 
 
-def find_stream(graph: Graph) -> Stream:
-    """The longest pre-norm residual chain in `graph` (no sites if there is none)."""
+def find_streams(graph: Graph) -> tuple[list[Stream], list[RawResidual]]:
+    """Every pre-norm residual chain in `graph`, in graph order (an encoder's before its decoder's, a vision tower's
+    before the language model's, one per stage of a hierarchical backbone), and the residual adds that are not
+    pre-norm (for the refusal where there is no chain)."""
     return _StreamFinder(graph).find()
 
 
@@ -161,7 +162,7 @@ class _StreamFinder:
     def is_norm(self, n: Node) -> bool:
         return n.target in _NORM_OPS or module_path(n) in self.norm_paths
 
-    def find(self) -> Stream:
+    def find(self) -> tuple[list[Stream], list[RawResidual]]:
         sites: dict[Node, Site] = {}
         raw_residuals: list[RawResidual] = []
         for n in self.nodes:
@@ -175,9 +176,9 @@ class _StreamFinder:
                     sites.pop(inner, None)
             elif raw:
                 raw_residuals.append(raw)
-        chain = self._longest_chain(sites)
-        if not chain:
-            return Stream(None, [], DEFAULT_EPS, [], raw_residuals)
+        return [self._stream(chain) for chain in self._chains(sites)], raw_residuals
+
+    def _stream(self, chain: list[Site]) -> Stream:
         values = [chain[0].stream] + [s.add for s in chain]
         adds = _chain_adds(chain)
         for site in chain:
@@ -186,7 +187,7 @@ class _StreamFinder:
         reads = self._unnormalized_reads(values, chain)
         final_readers = self._norm_readers(values[-1], adds)
         feature_dim = _feature_dim(chain[0].readers, chain[0].stream)
-        return Stream(chain[0].stream, chain, final_eps, reads, raw_residuals, final_readers, feature_dim)
+        return Stream(chain[0].stream, chain, final_eps, reads, final_readers, feature_dim)
 
     # --- one add -------------------------------------------------------------------------------
 
@@ -292,20 +293,20 @@ class _StreamFinder:
 
     # --- the chain -----------------------------------------------------------------------------
 
-    def _longest_chain(self, sites: dict[Node, Site]) -> list[Site]:
+    def _chains(self, sites: dict[Node, Site]) -> list[list[Site]]:
+        """The chains of sites, each from a site whose stream is no site's output, in graph order."""
         next_of: dict[Node, Site] = {}
         for site in sites.values():
             next_of.setdefault(site.stream, site)
-        best: list[Site] = []
+        chains = []
         for site in sites.values():
             if site.stream in sites:
                 continue  # not a chain start
             chain = [site]
             while chain[-1].add in next_of:
                 chain.append(next_of[chain[-1].add])
-            if len(chain) > len(best):
-                best = chain
-        return best
+            chains.append(chain)
+        return chains
 
     def _norm_readers(self, value: Node, adds: set[Node]) -> tuple[Node, ...]:
         """The norm nodes that read `value` (the chain's own adds left out)."""

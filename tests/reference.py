@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import attnres_fx
+from attnres_fx.parameters import SiteParameters
+from attnres_fx.plan import StreamPlan
 
 Sublayer = Callable[[Tensor], Tensor]
 
@@ -47,18 +49,27 @@ def block_attnres(
 
 
 def random_site_parameters_(tmodel: nn.Module, seed: int = 0) -> list:
-    """Random queries and key weights; returns per site (q, g) or None, the final's last."""
+    """Random queries and key weights; returns the only stream's `stream_parameters`."""
+    randomise_sites_(tmodel, seed)
+    return stream_parameters(tmodel, attnres_fx.plan(tmodel).only)
+
+
+def randomise_sites_(tmodel: nn.Module, seed: int = 0) -> None:
+    """Random queries and key weights in every stream."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for site in tmodel.attnres.children():
-            site.query.copy_(0.5 * torch.randn(site.query.shape, generator=g))
-            site.key_weight.copy_(1 + 0.3 * torch.randn(site.key_weight.shape, generator=g))
-    tplan = attnres_fx.plan(tmodel)
+        for site in tmodel.attnres.modules():
+            if isinstance(site, SiteParameters):
+                site.query.copy_(0.5 * torch.randn(site.query.shape, generator=g))
+                site.key_weight.copy_(1 + 0.3 * torch.randn(site.key_weight.shape, generator=g))
+
+
+def stream_parameters(tmodel: nn.Module, stream: StreamPlan) -> list:
+    """Per site of `stream` (q, g) or None, the final's last."""
     return [
         (tmodel.get_parameter(s.query), tmodel.get_parameter(s.key_weight)) if s.query else None
-        for s in (*tplan.sites, tplan.final)
+        for s in (*stream.sites, stream.final)
     ]
-
 
 def llama_reference(model: nn.Module, ids: Tensor, params, block_size: int) -> Tensor:
     inner = model.model

@@ -1,9 +1,9 @@
 """Models whose stream does not run through one layer module per layer run their own forward too, with what users put
 around them: x-transformers (every add in `AttentionLayers.forward`), a model whose own forward holds the adds, a
-layer called at two depths (with a norm computed in its forward), timm MViTv2 (stage 2's stream starts inside its
-first block). Each: the function at zero init, an independent reference with random queries where one is at hand,
-hooks, activation checkpointing, bf16 and autocast, torch.save / pickle / deepcopy / state dict. (FSDP2 per block:
-test_distributed.py.)"""
+layer called at two depths (with a norm computed in its forward), timm MViTv2 (one stream per stage, each but the
+first starting inside the stage's first block). Each: the function at zero init, an independent reference with
+random queries where one is at hand, hooks, activation checkpointing, bf16 and autocast, torch.save / pickle /
+deepcopy / state dict. (FSDP2 per block: test_distributed.py.)"""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def pair(request):
     assert tmodel is model
     with torch.no_grad():
         assert zoo.rel_err(zoo.main_output(tmodel(*inputs())), zoo.main_output(original(*inputs()))) < 1e-3
-    return request.param, original, zoo.random_depth_(tmodel, 0.5, 7), inputs()
+    return request.param, original, zoo.random_depth_(tmodel, 0.3, 7), inputs()
 
 
 def out(model: torch.nn.Module, x: tuple) -> torch.Tensor:
@@ -105,7 +105,7 @@ def test_bf16_and_autocast_stay_close_to_fp32(pair) -> None:
             autocast = out(tmodel, x)
         half = copy.deepcopy(tmodel).to(torch.bfloat16)
         moved = out(half, tuple(a.to(torch.bfloat16) if a.is_floating_point() else a for a in x))
-    assert moved.dtype == torch.bfloat16 and half.attnres.site_1.query.dtype == torch.bfloat16
+    assert moved.dtype == torch.bfloat16 and {p.dtype for p in half.attnres.parameters()} == {torch.bfloat16}
     assert zoo.rel_err(moved, expected) < 0.1 and zoo.rel_err(autocast, expected) < 0.1
 
 
@@ -122,7 +122,7 @@ def test_save_load_pickle_deepcopy_and_state_dict_keep_the_transformed_model(pai
         fresh = attnres_fx.transform(MODELS[name][0](), x)  # a new copy, transformed, then the state dict
         fresh.load_state_dict(tmodel.state_dict())
         assert torch.equal(out(fresh, x), expected)
-    assert attnres_fx.plan(loaded).sites == attnres_fx.plan(tmodel).sites
+    assert attnres_fx.plan(loaded).streams == attnres_fx.plan(tmodel).streams
 
 
 @pytest.mark.parametrize("norm", ["use_rmsnorm", "use_scalenorm"])

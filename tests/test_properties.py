@@ -2,8 +2,9 @@
 branch-normed layers; RMSNorm, LayerNorm, a hand-written fp32-casting norm, a functional norm; MLP or MoE-like
 branches; residual multipliers, LayerScale, dropout, drop path; a stream flattened inside a layer; a layer called
 twice; a second stream), each either
-transformed (and then it preserves the function and equals the independent reference with random queries) or
-refused with AttnResError, and the generator knows which. CI runs a fixed number of seeded examples;
+transformed (and then it preserves the function and equals the independent reference with random queries, every
+pre-norm stream transformed, each with its own blocks and parameters) or refused with AttnResError, and the
+generator knows which. CI runs a fixed number of seeded examples;
 ATTNRES_EXAMPLES=N runs N."""
 
 from __future__ import annotations
@@ -190,28 +191,24 @@ def test_every_generated_model_is_transformed_exactly_or_refused(
     torch.manual_seed(0)
     model = zoo.unit_scale_(Model(specs, shared, side)).eval()
     original, ids = copy.deepcopy(model), zoo.token_ids()
-    # The stream starts after the last layer that is not pre-norm and before the first pre-norm one (post-norm or
-    # branch-normed layers in front are part of how the stream's start is computed); from there on every layer
-    # must read it through norms only.
+    # The main stream is transformed from after its last layer that is not pre-norm (post-norm or branch-normed
+    # layers in front are part of how its start is computed; a pre-norm run before such a layer is a stream of its
+    # own, read raw by that layer, and left as it was). The side stream is pre-norm.
     kinds = [specs[i].kind for i in original.order]
-    first = next((k for k, kind in enumerate(kinds) if kind in PRE_NORM), None)
-    main_is_pre_norm = first is not None and all(kind in PRE_NORM for kind in kinds[first:])
+    last_raw = max((k for k, kind in enumerate(kinds) if kind not in PRE_NORM), default=-1)
+    prefix, rest = original.order[: last_raw + 1], original.order[last_raw + 1 :]
     try:
         tmodel = attnres_fx.transform(model, (ids,), block_size=block_size)
     except attnres_fx.AttnResError:
-        assert not main_is_pre_norm, f"pre-norm, yet refused: {kinds}, side stream {side}"
+        assert not rest and not side, f"pre-norm, yet refused: {kinds}, side stream {side}"
         OUTCOMES["refused"] += 1
         return
     tplan = attnres_fx.plan(tmodel)
     OUTCOMES[_how_it_runs(tmodel, tplan)] += 1
-    on_side = tplan.sites[0].branch[0].startswith("side.")  # two streams: the longest is transformed
-    assert main_is_pre_norm or on_side, f"not pre-norm, yet transformed: {kinds}"
-    if on_side:
-        prefix, sublayers = [], original.side[1].sublayers()
-    else:
-        prefix, rest = original.order[:first], original.order[first:]
-        sublayers = [f for i in rest for f in original.layers[i].sublayers()]
-    assert len(tplan.sites) == len(sublayers)
+    main_sublayers = [f for i in rest for f in original.layers[i].sublayers()]
+    expected_streams = [main_sublayers] if rest else []
+    expected_streams += [original.side[1].sublayers()] if side else []
+    assert [len(p.sites) for p in tplan.streams] == [len(sub) for sub in expected_streams], kinds
     last = tmodel.layers[original.order[-1]]
     fired = []
     handle = last.register_forward_hook(lambda *a: fired.append(1))
@@ -220,22 +217,17 @@ def test_every_generated_model_is_transformed_exactly_or_refused(
     handle.remove()
     assert tmodel is model and len(fired) == original.order.count(original.order[-1])  # the model's own forward
     with torch.no_grad():
-        params = reference.random_site_parameters_(tmodel)
-        if on_side:
+        reference.randomise_sites_(tmodel)
+        params = [reference.stream_parameters(tmodel, p) for p in tplan.streams]
+        start = original.embed(ids)
+        for i in prefix:
+            start = original.layers[i](start)
+        main = reference.block_attnres(start, main_sublayers, params.pop(0), block_size, EPS) if rest else start
+        expected = original.norm(main)
+        if side:
             embed, _, side_norm = original.side
-            mixed = side_norm(reference.block_attnres(embed(ids), sublayers, params, block_size, EPS))
-            main = original.embed(ids)
-            for i in original.order:
-                main = original.layers[i](main)
-            expected = original.norm(main) + mixed
-        else:
-            start = original.embed(ids)
-            for i in prefix:
-                start = original.layers[i](start)
-            expected = original.norm(reference.block_attnres(start, sublayers, params, block_size, EPS))
-            if original.side is not None:
-                embed, layer, side_norm = original.side
-                expected = expected + side_norm(layer(embed(ids)))
+            mixed = reference.block_attnres(embed(ids), original.side[1].sublayers(), params.pop(0), block_size, EPS)
+            expected = expected + side_norm(mixed)
         assert zoo.rel_err(tmodel(ids), expected) < 1e-4
 
 

@@ -7,13 +7,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnres_fx.capture import capture, split_inputs
-from attnres_fx.stream import Stream, find_stream
+from attnres_fx.stream import RawResidual, Stream, find_streams
 
 D = 8
 
 
-def stream_of(forward, *modules: nn.Module, seq: int = 6) -> Stream:
-    """Capture `forward(self, x)` on a module holding `modules` (as m0, m1, ...) and find its stream."""
+def streams_of(forward, *modules: nn.Module, seq: int = 6) -> tuple[list[Stream], list[RawResidual]]:
+    """Capture `forward(self, x)` on a module holding `modules` (as m0, m1, ...) and find its streams."""
 
     class Probe(nn.Module):
         def __init__(self):
@@ -25,7 +25,13 @@ def stream_of(forward, *modules: nn.Module, seq: int = 6) -> Stream:
             return forward(self, x)
 
     key, tensors = split_inputs((torch.randn(2, seq, D),), {}, False)
-    return find_stream(capture(Probe(), key, tensors).gm.graph)
+    return find_streams(capture(Probe(), key, tensors).gm.graph)
+
+
+def stream_of(forward, *modules: nn.Module) -> Stream:
+    """The one stream found."""
+    (stream,) = streams_of(forward, *modules)[0]
+    return stream
 
 
 def test_an_add_whose_branch_reads_the_stream_through_a_norm_is_a_site() -> None:
@@ -35,10 +41,10 @@ def test_an_add_whose_branch_reads_the_stream_through_a_norm_is_a_site() -> None
 
 
 def test_post_norm_and_normalised_branches_are_no_sites_and_say_so() -> None:
-    post = stream_of(lambda s, x: s.m0(x + s.m1(x)), nn.LayerNorm(D), nn.Linear(D, D))
-    branch_normed = stream_of(lambda s, x: x + s.m0(s.m1(x)), nn.LayerNorm(D), nn.Linear(D, D))
-    assert not post.sites and not branch_normed.sites
-    (p,), (b,) = post.raw_residuals, branch_normed.raw_residuals
+    post, post_raw = streams_of(lambda s, x: s.m0(x + s.m1(x)), nn.LayerNorm(D), nn.Linear(D, D))
+    branch_normed, branch_raw = streams_of(lambda s, x: x + s.m0(s.m1(x)), nn.LayerNorm(D), nn.Linear(D, D))
+    assert post == [] and branch_normed == []
+    (p,), (b,) = post_raw, branch_raw
     assert (p.post_norm, p.branch_normed, p.first_read, p.first_read_module) == (True, False, "linear", "m1")
     assert (b.post_norm, b.branch_normed) == (False, True)
 
@@ -85,7 +91,7 @@ def test_sizes_are_compared_by_value_not_by_how_they_print() -> None:
     from test_stream_rules import ByFour, FlatResiduals
 
     key, tensors = split_inputs((torch.randn(2, 16, 32),), {}, False)
-    stream = find_stream(capture(FlatResiduals(ByFour), key, tensors).gm.graph)
+    (stream,), _ = find_streams(capture(FlatResiduals(ByFour), key, tensors).gm.graph)
     assert [s.reader_paths for s in stream.sites] == [("norms.0",), ("norms.1",)]
 
 
@@ -107,8 +113,8 @@ def test_a_module_holding_residual_adds_is_no_norm_even_if_it_computes_one() -> 
             normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
             return x + self.a(normed) * x.abs().mean()  # the scale reads the stream raw
 
-    stream = stream_of(lambda s, x: s.m1(s.m0(s.m0(x))), InlineNormLayer(), nn.LayerNorm(D))
-    assert not stream.sites
+    streams, _ = streams_of(lambda s, x: s.m1(s.m0(s.m0(x))), InlineNormLayer(), nn.LayerNorm(D))
+    assert streams == []
 
 
 class L2RMSNorm(nn.Module):
@@ -150,8 +156,8 @@ def test_an_l2_norm_over_another_dim_than_the_features_is_no_norm() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return F.normalize(x, dim=1)
 
-    stream = stream_of(lambda s, x: s.m2(x + s.m1(s.m0(x))), TokenNormalize(), nn.Linear(D, D), nn.LayerNorm(D))
-    assert not stream.sites
+    streams, _ = streams_of(lambda s, x: s.m2(x + s.m1(s.m0(x))), TokenNormalize(), nn.Linear(D, D), nn.LayerNorm(D))
+    assert streams == []
 
 
 def final_read(read) -> Stream:

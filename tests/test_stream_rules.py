@@ -235,7 +235,7 @@ def test_a_stream_end_read_through_token_ops_then_a_norm_is_pre_norm(name: str) 
     model = zoo.unit_scale_(timm.create_model(name, pretrained=False, **config)).eval()
     original = copy.deepcopy(model)
     tmodel = attnres_fx.transform(model)  # example images of the size it was built for (32), not its pretrained 224
-    assert len(attnres_fx.plan(tmodel).sites) == 6
+    assert len(attnres_fx.plan(tmodel).streams[0].sites) == 6  # CaiT's class token is a second stream
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert zoo.rel_err(tmodel(x), original(x)) < 1e-4
@@ -297,7 +297,11 @@ def test_poolformer_v2_channels_first_stream_preserves_the_function_at_two_image
     model = zoo.unit_scale_(timm.create_model("poolformerv2_s12", pretrained=False, num_classes=10)).eval()
     original = copy.deepcopy(model)
     tmodel = attnres_fx.transform(model, (torch.randn(2, 3, 64, 64),))
-    assert tmodel.attnres.site_1.key_weight.shape == (64,)  # stage 0's channels
+    tplan = attnres_fx.plan(tmodel)
+    widths = [tmodel.get_parameter(s.parametrised[0].key_weight).shape for s in tplan.streams]
+    # one stream per stage, keys over its channels; stages 2 and 3 scale the stream before each add (`res_scale`):
+    # `s * h + f(norm(h))` is no residual chain
+    assert widths == [(64,), (128,)]
     for size in (64, 96):
         x = torch.randn(2, 3, size, size)
         with torch.no_grad():
