@@ -71,7 +71,7 @@ class StreamPlan:
             )
             for s in (*self.sites, self.final)
         ]
-        where = f" in `{self.root}`" if self.root else ""
+        where = f" in `{self.root or 'the model'}`" if self.name else ""  # one of several streams
         head = f"Block AttnRes{where}: {len(self.sites)} sublayers, block_size {self.block_size}, "
         head += f"{self.num_blocks} blocks\n"
         if self.rewritten:

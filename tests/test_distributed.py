@@ -48,7 +48,7 @@ def test_fsdp2_per_block_on_models_with_their_own_forward_matches_one_process(tm
         loss.backward()
         assert zoo.rel_err(sharded[name]["loss"], loss) < 1e-5, name
         expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        assert sharded[name]["grads"].keys() == expected.keys() and "attnres.site_1.query" in expected
+        assert sharded[name]["grads"].keys() == expected.keys() and any(k.startswith("attnres.") for k in expected)
         scale = max(g.abs().max() for g in expected.values())  # some are rounding noise around 0 (a key bias)
         for key, grad in expected.items():
             got = sharded[name]["grads"][key]
