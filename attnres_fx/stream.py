@@ -325,15 +325,19 @@ class _StreamFinder:
                 reads.append(UnnormalizedRead(r, module_path(r), i))
         return reads
 
-    def _normalised_through_token_ops(self, node: Node) -> bool:
+    def _normalised_through_token_ops(self, node: Node, joined: bool = False) -> bool:
         """`node` is an op that scales with its stream input token by token (a slice or select of tokens, a
-        concatenation with other tokens, a mean or sum over tokens, padding or transposing tokens), and everything
-        it feeds is such an op or a norm: at zero init the depth mix in place of the stream changes nothing there."""
-        if not _is_token_op(node):
+        concatenation with other tokens, a mean or sum over tokens, padding or transposing tokens, a view that merges
+        neighbouring tokens into one, as Swin's patch merging does), and everything it feeds is such an op or a norm:
+        at zero init the depth mix in place of the stream changes nothing there. Once other tokens are joined, no
+        view may merge them into the stream's tokens (`joined`)."""
+        view = _view_of_tokens(node)
+        if not (_is_token_op(node) or view == "keeps" or (view == "merges" and not joined)):
             return False
+        joined = joined or node.target is aten.cat.default
         readers = [u for u in node.users if is_tensor(u)]
         return bool(readers) and all(
-            u.op != "output" and (self.is_norm(u) or self._normalised_through_token_ops(u)) for u in readers
+            u.op != "output" and (self.is_norm(u) or self._normalised_through_token_ops(u, joined)) for u in readers
         )
 
     # --- eps -----------------------------------------------------------------------------------
@@ -392,6 +396,21 @@ def _is_token_op(n: Node) -> bool:
     if n.target in (aten.constant_pad_nd.default, aten.pad.default):
         return tuple(arg(1, (0, 0))[:2]) == (0, 0)
     return False
+
+
+def _view_of_tokens(n: Node) -> str | None:
+    """For a view (reshape, flatten): "keeps" the feature dim, or "merges" whole feature vectors of several tokens
+    into it (Swin's patch merging flattens [..., 2, 2, C] into [..., 4C]): data moved, never mixed. Else None."""
+    if n.target not in (*_VIEW_OPS, aten.flatten.using_ints) or not isinstance(n.args[0], Node):
+        return None
+    a, b = n.args[0].meta.get("val"), n.meta.get("val")
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() >= 1 and b.dim() >= 1):
+        return None
+    if a.dtype != b.dtype:
+        return None
+    if _same_size(a.shape[-1], b.shape[-1]):
+        return "keeps"
+    return "merges" if statically_known_true(sym_eq(b.shape[-1] % a.shape[-1], 0)) else None
 
 
 def _holds_adds(nodes: list[Node]) -> bool:

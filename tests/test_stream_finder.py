@@ -187,3 +187,19 @@ def test_an_op_that_mixes_features_or_adds_to_the_stream_before_the_norm_is_a_ra
     for read in reads:
         stream = final_read(read)
         assert len(stream.sites) == 1 and stream.unnormalized_reads
+
+
+def test_a_view_that_merges_neighbouring_tokens_into_the_features_before_the_norm_is_a_normalised_read() -> None:
+    """Swin's patch merging: [B, T, C] -> [B, T/2, 2C] moves whole feature vectors, then a norm over 2C; but once
+    other (unscaled) tokens are joined, merging them into the stream's tokens is a raw read."""
+
+    def merge(s, x):
+        return s.m2(x.reshape(x.shape[0], -1, 2 * D))
+
+    def join_then_merge(s, x):
+        return s.m2(torch.cat([torch.ones(x.shape[0], 2, D), x], dim=1).reshape(x.shape[0], -1, 2 * D))
+
+    for read, raw in ((merge, False), (join_then_merge, True)):
+        modules = nn.LayerNorm(D), nn.Linear(D, D), nn.LayerNorm(2 * D)
+        (stream,), _ = streams_of(lambda s, x, read=read: read(s, x + s.m1(s.m0(x))), *modules)
+        assert len(stream.sites) == 1 and bool(stream.unnormalized_reads) == raw

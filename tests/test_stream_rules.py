@@ -309,3 +309,23 @@ def test_poolformer_v2_channels_first_stream_preserves_the_function_at_two_image
     zoo.random_depth_(tmodel)
     with torch.no_grad():
         assert zoo.rel_err(tmodel(x), original(x)) > 1e-2
+
+
+def test_swin_gets_one_stream_per_stage_through_its_patch_merging() -> None:
+    """Each stage's end is read by the next stage's patch merging (pad, view neighbours into the features, norm):
+    a normalised read, so every stage is a stream of its own."""
+    import timm
+
+    torch.manual_seed(0)
+    config = dict(img_size=64, window_size=4, embed_dim=32, depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 4), num_classes=10)
+    model = zoo.unit_scale_(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **config)).eval()
+    original = copy.deepcopy(model)
+    tmodel = attnres_fx.transform(model)  # 64 px, as built
+    tplan = attnres_fx.plan(tmodel)
+    assert [(s.root, len(s.sites)) for s in tplan.streams] == [(f"layers.{i}.blocks", 4) for i in range(4)]
+    assert not tplan.skipped
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        assert zoo.rel_err(tmodel(x), original(x)) < 1e-3
+        zoo.random_depth_(tmodel)
+        assert zoo.rel_err(tmodel(x), original(x)) > 1e-2
