@@ -31,7 +31,9 @@ def without_kv_cache(kwargs: dict[str, Any], keeps_cache: bool) -> dict[str, Any
 def keeps_kv_cache(model: nn.Module) -> bool:
     """Whether calls return a KV cache unless told `use_cache=False`. Decided from the config, not the forward's
     signature, so wrappers whose forward takes `**kwargs` (PEFT, torch.compile) get the model's own answer."""
-    if getattr(getattr(model, "config", None), "use_cache", None) is None:
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config  # a VLM's language model
+    if getattr(config, "use_cache", None) is None and getattr(text, "use_cache", None) is None:
         return False
     try:
         params = inspect.signature(model.forward).parameters.values()
@@ -61,11 +63,31 @@ def example_inputs(model: nn.Module, device: torch.device, dtype: torch.dtype) -
     """One example call built from the config: the model's `main_input_name` (token ids for text models, images for
     vision encoders such as ViT, DINOv2, SigLIP, log-mel features for speech encoders such as Whisper's), and decoder
     ids for an encoder-decoder model (T5, Whisper); else None."""
-    inputs = _main_inputs(model, device, dtype)
     config = getattr(model, "config", None)
+    image_inputs = _image_and_text_inputs(config, device, dtype)
+    if image_inputs is not None:
+        return image_inputs
+    inputs = _main_inputs(model, device, dtype)
     if inputs is not None and getattr(config, "is_encoder_decoder", False) and getattr(config, "vocab_size", None):
         inputs["decoder_input_ids"] = torch.randint(0, config.vocab_size, (2, 8), device=device)
     return inputs
+
+
+def _image_and_text_inputs(config: Any, device: torch.device, dtype: torch.dtype) -> dict[str, Any] | None:
+    """A vision-language model's call (LLaVA-style config: a vision tower's image and patch size, an image token):
+    an image, and text that holds one image token per patch feature, so that both towers run."""
+    vision = getattr(config, "vision_config", None)
+    token = getattr(config, "image_token_index", getattr(config, "image_token_id", None))
+    size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    if token is None or not isinstance(size, int) or not isinstance(patch, int):
+        return None
+    features = (size // patch) ** 2 + (getattr(config, "vision_feature_select_strategy", "default") == "full")
+    vocab = config.get_text_config().vocab_size
+    ids = torch.randint(0, vocab, (2, 8), device=device)
+    ids = ids.masked_fill(ids == token, 0)
+    ids = torch.cat([torch.full((2, features), token, device=device), ids], dim=1)
+    pixels = torch.randn(2, getattr(vision, "num_channels", 3), size, size, device=device, dtype=dtype)
+    return {"input_ids": ids, "pixel_values": pixels}
 
 
 def _main_inputs(model: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, Any] | None:

@@ -160,3 +160,41 @@ def test_a_stream_that_cannot_be_transformed_is_left_as_it_was_with_a_warning_an
         warnings.simplefilter("error")
         with pytest.raises(attnres_fx.AttnResError, match="returns stream values without a norm"):
             attnres_fx.transform(zoo.unit_scale_(TwoStreams()), (ids,), filter_fn=lambda m, path: path == "b")
+
+
+def llava() -> nn.Module:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    text = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=zoo.VOCAB + 1,
+    )  # fmt: skip
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=zoo.VOCAB, vision_feature_layer=-1)
+    torch.manual_seed(0)
+    return zoo.unit_scale_(LlavaForConditionalGeneration(config)).eval()
+
+
+def test_llava_transforms_its_language_model_and_says_why_the_vision_tower_is_left() -> None:
+    """Example inputs from the config: an image and one image token per patch feature. The vision features are the
+    tower's raw hidden states (then a projector): that stream is left as it was, named with the reason."""
+    model = llava()
+    original = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match=r"left `model.vision_tower.encoder` \(4 sublayers\) as it was"):
+        tmodel = attnres_fx.transform(model)  # no example inputs: built from the config
+    tplan = attnres_fx.plan(tmodel)
+    assert [(s.root, len(s.sites)) for s in tplan.streams] == [("model.language_model", 4)]
+    assert [s.root for s in tplan.skipped] == ["model.vision_tower.encoder"]
+    image_tokens = torch.full((2, 16), zoo.VOCAB)
+    ids = torch.cat([image_tokens, zoo.token_ids(2, 6)], dim=1)
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = original(input_ids=ids, pixel_values=pixels).logits
+        assert zoo.rel_err(tmodel(input_ids=ids, pixel_values=pixels).logits, expected) < 1e-4
+        cached = tmodel.generate(input_ids=ids, pixel_values=pixels, **greedy)  # through the LM's KV cache
+        assert torch.equal(cached, original.generate(input_ids=ids, pixel_values=pixels, **greedy))
+        zoo.random_depth_(tmodel)
+        assert zoo.rel_err(tmodel(input_ids=ids, pixel_values=pixels).logits, expected) > 1e-2
