@@ -1,11 +1,10 @@
 """Property tests: random small models built from plain PyTorch pieces (pre-norm, sandwich, parallel, post-norm and
-branch-normed layers; RMSNorm, LayerNorm, a hand-written fp32-casting norm, a functional norm; MLP or MoE-like
-branches; residual multipliers, LayerScale, dropout, drop path; a stream flattened inside a layer; a layer called
-twice; a second stream), each either
-transformed (and then it preserves the function and equals the independent reference with random queries, every
-pre-norm stream transformed, each with its own blocks and parameters) or refused with AttnResError, and the
-generator knows which. CI runs a fixed number of seeded examples;
-ATTNRES_EXAMPLES=N runs N."""
+branch-normed layers; RMSNorm, LayerNorm, a hand-written fp32-casting norm, an `F.normalize` norm, a functional norm;
+MLP or MoE-like branches; residual multipliers, LayerScale, dropout, drop path; a stream flattened inside a layer; a
+layer called twice; a second stream; token ops before the final norm), each either transformed (and then it
+preserves the function and equals the independent reference with random queries, every pre-norm stream transformed,
+each with its own blocks and parameters) or refused with AttnResError, and the generator knows which. CI runs a
+fixed number of seeded examples; ATTNRES_EXAMPLES=N runs N."""
 
 from __future__ import annotations
 
@@ -42,12 +41,28 @@ class CastNorm(nn.Module):
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype)
 
 
+class L2Norm(nn.Module):
+    """RMSNorm written as x-transformers writes it: `F.normalize(x, dim=-1) * sqrt(d) * g`."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(D))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1) * D**0.5 * self.weight
+
+
 class FunctionalNorm(nn.Module):
     """Stands for `F.rms_norm` written in the layer's own forward: `Layer.normed` calls the function itself."""
 
 
 def make_norm(kind: str) -> nn.Module:
-    factories = {"rms": lambda: nn.RMSNorm(D, eps=EPS), "layer": lambda: nn.LayerNorm(D, eps=EPS), "cast": CastNorm}
+    factories = {
+        "rms": lambda: nn.RMSNorm(D, eps=EPS),
+        "layer": lambda: nn.LayerNorm(D, eps=EPS),
+        "cast": CastNorm,
+        "l2": L2Norm,
+    }
     return factories.get(kind, FunctionalNorm)()
 
 
@@ -143,11 +158,13 @@ SIDE = LayerSpec("pre", "rms", "mlp", "none", False)
 
 
 class Model(nn.Module):
-    """Embedding, layers (layer 0 twice if shared), final norm; with `side`, a second stream of one pre-norm layer
-    from its own embedding, whose normed output joins the main one."""
+    """Embedding, layers (layer 0 twice if shared), final norm (with `pool`, of the mean over the tokens after the
+    first: token ops before the final norm); with `side`, a second stream of one pre-norm layer from its own
+    embedding, whose normed output joins the main one."""
 
-    def __init__(self, specs: list[LayerSpec], shared: bool, side: bool):
+    def __init__(self, specs: list[LayerSpec], shared: bool, side: bool, pool: bool):
         super().__init__()
+        self.pool = pool
         self.embed = nn.Embedding(zoo.VOCAB, D)
         self.layers = nn.ModuleList(Layer(s) for s in specs)
         self.order = [0, 0, *range(1, len(specs))] if shared else list(range(len(specs)))
@@ -158,17 +175,20 @@ class Model(nn.Module):
         h = self.embed(ids)
         for i in self.order:
             h = self.layers[i](h)
-        out = self.norm(h)
+        out = self.head(h)
         if self.side is not None:
             embed, layer, norm = self.side
             out = out + norm(layer(embed(ids)))
         return out
 
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(h[:, 1:].mean(1, keepdim=True) if self.pool else h)
+
 
 layer_specs = st.builds(
     LayerSpec,
     kind=st.sampled_from(["pre", "pre", "sandwich", "parallel", "post", "branch_norm"]),
-    norm=st.sampled_from(["rms", "layer", "cast", "functional"]),
+    norm=st.sampled_from(["rms", "layer", "cast", "l2", "functional"]),
     branch=st.sampled_from(["mlp", "moe"]),
     tail=st.sampled_from(["none", "multiplier", "layerscale", "dropout", "droppath"]),
     flatten=st.booleans(),
@@ -183,13 +203,14 @@ OUTCOMES: Counter[str] = Counter()  # reported at the end of the run (conftest.p
     specs=st.lists(layer_specs, min_size=1, max_size=3),
     shared=st.booleans(),
     side=st.booleans(),
+    pool=st.booleans(),
     block_size=st.integers(1, 3),
 )
 def test_every_generated_model_is_transformed_exactly_or_refused(
-    specs: list[LayerSpec], shared: bool, side: bool, block_size: int
+    specs: list[LayerSpec], shared: bool, side: bool, pool: bool, block_size: int
 ):
     torch.manual_seed(0)
-    model = zoo.unit_scale_(Model(specs, shared, side)).eval()
+    model = zoo.unit_scale_(Model(specs, shared, side, pool)).eval()
     original, ids = copy.deepcopy(model), zoo.token_ids()
     # The main stream is transformed from after its last layer that is not pre-norm (post-norm or branch-normed
     # layers in front are part of how its start is computed; a pre-norm run before such a layer is a stream of its
@@ -223,7 +244,7 @@ def test_every_generated_model_is_transformed_exactly_or_refused(
         for i in prefix:
             start = original.layers[i](start)
         main = reference.block_attnres(start, main_sublayers, params.pop(0), block_size, EPS) if rest else start
-        expected = original.norm(main)
+        expected = original.head(main)
         if side:
             embed, _, side_norm = original.side
             mixed = reference.block_attnres(embed(ids), original.side[1].sublayers(), params.pop(0), block_size, EPS)
