@@ -99,23 +99,17 @@ def transform(
     chosen, skipped = _choose_streams(model, streams, calls, filter_fn, allow_unnormalized_reads)
     several = len(chosen) > 1
     device = next((p.device for p in model.parameters()), streams[0].start.meta["val"].device)
-    stream_params, runtimes = [], []
-    for k, (stream, layers) in enumerate(chosen):
-        branches, eps = [s.branch_modules for s in stream.sites], [s.eps for s in stream.sites]
-        root, name = _root(stream), f"stream_{k}" if several else ""
-        splan = make_plan(branches, eps, stream.final_eps, num_blocks, block_size, _rewritten(layers), root, name)
-        start = stream.start.meta["val"]
-        params = AttnResParameters(splan, _concrete(start.shape[stream.feature_dim]), device, start.dtype)
-        start_module = find_stream_start(layers, calls)
-        two_phase = "two_phase" in passes
-        readers = stream.final_reader_paths
-        runtimes.append(DepthRuntime(splan, layers, params, start_module, readers, two_phase, stream.feature_dim))
-        stream_params.append(params)
+    options = dict(num_blocks=num_blocks, block_size=block_size, two_phase="two_phase" in passes, device=device)
+    runtimes = [
+        _runtime(stream, layers, calls, f"stream_{k}" if several else "", **options)
+        for k, (stream, layers) in enumerate(chosen)
+    ]
+    stream_params = [runtime.params for runtime in runtimes]
     prepared = [runtime.prepare(model) for runtime in runtimes]  # every refusal before the model is touched
     for runtime, installation in zip(runtimes, prepared):
         runtime.apply(model, installation)
     model_plan = Plan(tuple(p.plan for p in stream_params), tuple(skip for skip, _ in skipped))
-    attnres = AttnResStreams(stream_params, model_plan) if several else stream_params[0]
+    attnres = AttnResStreams(stream_params) if several else stream_params[0]
     attnres.model_plan = model_plan
     model.add_module(PARAMETER_PREFIX, attnres)
     hf.record_settings(model, model_plan, num_blocks, block_size)
@@ -123,6 +117,27 @@ def transform(
         _report(f"{type(model).__name__}: left `{skip.root or 'the model'}` ({skip.sublayers} sublayers) as it was: "
                 f"{skip.reason}")
     return model
+
+
+def _runtime(
+    stream: Stream,
+    layers: tuple[LayerLayout, ...],
+    calls: dict[str, list[ModuleCall]],
+    name: str,
+    *,
+    num_blocks: int,
+    block_size: int | None,
+    two_phase: bool,
+    device: torch.device,
+) -> DepthRuntime:
+    """One stream's plan, parameters and hooks (not yet installed)."""
+    branches, eps = [s.branch_modules for s in stream.sites], [s.eps for s in stream.sites]
+    splan = make_plan(branches, eps, stream.final_eps, num_blocks, block_size, _rewritten(layers), _root(stream), name)
+    start = stream.start.meta["val"]
+    params = AttnResParameters(splan, _concrete(start.shape[stream.feature_dim]), device, start.dtype)
+    start_module = find_stream_start(layers, calls)
+    readers = stream.final_reader_paths
+    return DepthRuntime(splan, layers, params, start_module, readers, two_phase, stream.feature_dim)
 
 
 def from_pretrained(model_class: Any, path: str | os.PathLike, **kwargs: Any) -> nn.Module:

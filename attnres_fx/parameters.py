@@ -56,11 +56,11 @@ class AttnResParameters(nn.Module):
 class AttnResStreams(nn.Module):
     """The `attnres` submodule of a model with several transformed streams: one AttnResParameters per stream."""
 
-    def __init__(self, streams: list[AttnResParameters], model_plan: Plan):
+    def __init__(self, streams: list[AttnResParameters]):
         super().__init__()
         for params in streams:
             self.add_module(params.plan.name, params)
-        self.model_plan = model_plan
+        self.model_plan: Plan | None = None  # the whole model's, set by transform
 
     def reset_parameters(self) -> None:
         for params in self.children():
