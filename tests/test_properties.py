@@ -1,10 +1,10 @@
 """Property tests: random small models built from plain PyTorch pieces (pre-norm, sandwich, parallel, post-norm and
 branch-normed layers; RMSNorm, LayerNorm, a hand-written fp32-casting norm, an `F.normalize` norm, a functional norm;
 MLP or MoE-like branches; residual multipliers, LayerScale, dropout, drop path; a stream flattened inside a layer; a
-layer called twice; a second stream; token ops before the final norm), each either transformed (and then it
-preserves the function and equals the independent reference with random queries, every pre-norm stream transformed,
-each with its own blocks and parameters) or refused with AttnResError, and the generator knows which. CI runs a
-fixed number of seeded examples; ATTNRES_EXAMPLES=N runs N."""
+layer called twice; a second stream, features last or channels first; token ops before the final norm), each either
+transformed (and then it preserves the function and equals the independent reference with random queries, every
+pre-norm stream transformed, each with its own blocks and parameters) or refused with AttnResError, and the generator
+knows which. CI runs a fixed number of seeded examples; ATTNRES_EXAMPLES=N runs N."""
 
 from __future__ import annotations
 
@@ -157,29 +157,85 @@ class Layer(nn.Module):
 SIDE = LayerSpec("pre", "rms", "mlp", "none", False)
 
 
+class LayerNorm1d(nn.LayerNorm):
+    """A LayerNorm over the channels of N,C,L, by moving them last (as timm's LayerNorm2d does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+def make_channels_first_norm(kind: str) -> nn.Module:
+    return nn.GroupNorm(1, D, eps=EPS) if kind == "group" else LayerNorm1d(D, eps=EPS)
+
+
+class ChannelsFirstLayer(nn.Module):
+    """A MetaFormer-like layer on a stream in N,C,L: a token-mixing convolution and a 1x1-convolution MLP, each
+    after a channels-first norm (GroupNorm(1, C) or a LayerNorm over C)."""
+
+    def __init__(self, norm: str):
+        super().__init__()
+        self.n1, self.n2 = make_channels_first_norm(norm), make_channels_first_norm(norm)
+        self.mix = nn.Conv1d(D, D, 3, padding=1)
+        self.mlp = nn.Sequential(nn.Conv1d(D, 2 * D, 1), nn.GELU(), nn.Conv1d(2 * D, D, 1))
+
+    def sublayers(self) -> list:
+        """The branches on features-last values, as the reference mixes them."""
+        last, back = (lambda t: t.transpose(1, 2)), (lambda t: t.transpose(1, 2))
+        return [lambda h: last(self.mix(self.n1(back(h)))), lambda h: last(self.mlp(self.n2(back(h))))]
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h + self.mix(self.n1(h))
+        return h + self.mlp(self.n2(h))
+
+
+class SideStream(nn.Module):
+    """A second stream from its own embedding: one pre-norm layer, features last (`tokens`) or in N,C,L
+    (`group`, `layer1d`: its norms), and a final norm; returns [B, T, D]."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.channels_first = kind != "tokens"
+        self.embed = nn.Embedding(zoo.VOCAB, D)
+        self.layer = ChannelsFirstLayer(kind) if self.channels_first else Layer(SIDE)
+        self.norm = make_channels_first_norm(kind) if self.channels_first else nn.RMSNorm(D, eps=EPS)
+
+    def start(self, ids: torch.Tensor) -> torch.Tensor:
+        """The stream's first value, features last."""
+        return self.embed(ids)
+
+    def head(self, mixed: torch.Tensor) -> torch.Tensor:
+        """The final norm of a features-last value, returned features last."""
+        if not self.channels_first:
+            return self.norm(mixed)
+        return self.norm(mixed.transpose(1, 2)).transpose(1, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        if not self.channels_first:
+            return self.norm(self.layer(h))
+        return self.norm(self.layer(h.transpose(1, 2))).transpose(1, 2)
+
+
 class Model(nn.Module):
     """Embedding, layers (layer 0 twice if shared), final norm (with `pool`, of the mean over the tokens after the
-    first: token ops before the final norm); with `side`, a second stream of one pre-norm layer from its own
-    embedding, whose normed output joins the main one."""
+    first: token ops before the final norm); with `side`, a second stream (`SideStream`) whose output joins the
+    main one."""
 
-    def __init__(self, specs: list[LayerSpec], shared: bool, side: bool, pool: bool):
+    def __init__(self, specs: list[LayerSpec], shared: bool, side: str, pool: bool):
         super().__init__()
         self.pool = pool
         self.embed = nn.Embedding(zoo.VOCAB, D)
         self.layers = nn.ModuleList(Layer(s) for s in specs)
         self.order = [0, 0, *range(1, len(specs))] if shared else list(range(len(specs)))
         self.norm = nn.RMSNorm(D, eps=EPS)
-        self.side = nn.ModuleList([nn.Embedding(zoo.VOCAB, D), Layer(SIDE), nn.RMSNorm(D, eps=EPS)]) if side else None
+        self.side = SideStream(side) if side != "none" else None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.embed(ids)
         for i in self.order:
             h = self.layers[i](h)
         out = self.head(h)
-        if self.side is not None:
-            embed, layer, norm = self.side
-            out = out + norm(layer(embed(ids)))
-        return out
+        return out if self.side is None else out + self.side(ids)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.norm(h[:, 1:].mean(1, keepdim=True) if self.pool else h)
@@ -202,12 +258,12 @@ OUTCOMES: Counter[str] = Counter()  # reported at the end of the run (conftest.p
 @given(
     specs=st.lists(layer_specs, min_size=1, max_size=3),
     shared=st.booleans(),
-    side=st.booleans(),
+    side=st.sampled_from(["none", "tokens", "group", "layer1d"]),
     pool=st.booleans(),
     block_size=st.integers(1, 3),
 )
 def test_every_generated_model_is_transformed_exactly_or_refused(
-    specs: list[LayerSpec], shared: bool, side: bool, pool: bool, block_size: int
+    specs: list[LayerSpec], shared: bool, side: str, pool: bool, block_size: int
 ):
     torch.manual_seed(0)
     model = zoo.unit_scale_(Model(specs, shared, side, pool)).eval()
@@ -221,14 +277,14 @@ def test_every_generated_model_is_transformed_exactly_or_refused(
     try:
         tmodel = attnres_fx.transform(model, (ids,), block_size=block_size)
     except attnres_fx.AttnResError:
-        assert not rest and not side, f"pre-norm, yet refused: {kinds}, side stream {side}"
+        assert not rest and original.side is None, f"pre-norm, yet refused: {kinds}, side stream {side}"
         OUTCOMES["refused"] += 1
         return
     tplan = attnres_fx.plan(tmodel)
     OUTCOMES[_how_it_runs(tmodel, tplan)] += 1
     main_sublayers = [f for i in rest for f in original.layers[i].sublayers()]
     expected_streams = [main_sublayers] if rest else []
-    expected_streams += [original.side[1].sublayers()] if side else []
+    expected_streams += [original.side.layer.sublayers()] if original.side is not None else []
     assert [len(p.sites) for p in tplan.streams] == [len(sub) for sub in expected_streams], kinds
     last = tmodel.layers[original.order[-1]]
     fired = []
@@ -245,10 +301,10 @@ def test_every_generated_model_is_transformed_exactly_or_refused(
             start = original.layers[i](start)
         main = reference.block_attnres(start, main_sublayers, params.pop(0), block_size, EPS) if rest else start
         expected = original.head(main)
-        if side:
-            embed, _, side_norm = original.side
-            mixed = reference.block_attnres(embed(ids), original.side[1].sublayers(), params.pop(0), block_size, EPS)
-            expected = expected + side_norm(mixed)
+        if original.side is not None:
+            side = original.side
+            mixed = reference.block_attnres(side.start(ids), side.layer.sublayers(), params.pop(0), block_size, EPS)
+            expected = expected + side.head(mixed)
         assert zoo.rel_err(tmodel(ids), expected) < 1e-4
 
 
@@ -262,4 +318,6 @@ def _how_it_runs(tmodel: nn.Module, tplan: attnres_fx.Plan) -> str:
         ways.append("a forward rewritten one level deep")
     if any(p.layout.stream_arg is None for f in forwards for p in f.plans):
         ways.append("the stream starting inside a layer")
+    if any(f.runtime.feature_dim != -1 for f in forwards):
+        ways.append("a channels-first stream")
     return "own forward: " + (" + ".join(ways) or "layer and norm modules")
