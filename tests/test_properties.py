@@ -180,8 +180,8 @@ class ChannelsFirstLayer(nn.Module):
 
     def sublayers(self) -> list:
         """The branches on features-last values, as the reference mixes them."""
-        last, back = (lambda t: t.transpose(1, 2)), (lambda t: t.transpose(1, 2))
-        return [lambda h: last(self.mix(self.n1(back(h)))), lambda h: last(self.mlp(self.n2(back(h))))]
+        swap = lambda t: t.transpose(1, 2)  # noqa: E731  features last <-> channels first
+        return [lambda h: swap(self.mix(self.n1(swap(h)))), lambda h: swap(self.mlp(self.n2(swap(h))))]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         h = h + self.mix(self.n1(h))
