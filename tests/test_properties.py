@@ -157,11 +157,16 @@ class Layer(nn.Module):
 SIDE = LayerSpec("pre", "rms", "mlp", "none", False)
 
 
+def swap(t: torch.Tensor) -> torch.Tensor:
+    """[B, T, D] <-> [B, D, T]: features last <-> channels first."""
+    return t.transpose(1, 2)
+
+
 class LayerNorm1d(nn.LayerNorm):
     """A LayerNorm over the channels of N,C,L, by moving them last (as timm's LayerNorm2d does)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+        return swap(super().forward(swap(x)))
 
 
 def make_channels_first_norm(kind: str) -> nn.Module:
@@ -180,7 +185,6 @@ class ChannelsFirstLayer(nn.Module):
 
     def sublayers(self) -> list:
         """The branches on features-last values, as the reference mixes them."""
-        swap = lambda t: t.transpose(1, 2)  # noqa: E731  features last <-> channels first
         return [lambda h: swap(self.mix(self.n1(swap(h)))), lambda h: swap(self.mlp(self.n2(swap(h))))]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -199,21 +203,16 @@ class SideStream(nn.Module):
         self.layer = ChannelsFirstLayer(kind) if self.channels_first else Layer(SIDE)
         self.norm = make_channels_first_norm(kind) if self.channels_first else nn.RMSNorm(D, eps=EPS)
 
-    def start(self, ids: torch.Tensor) -> torch.Tensor:
-        """The stream's first value, features last."""
-        return self.embed(ids)
+    def layout(self, t: torch.Tensor) -> torch.Tensor:
+        """Features last <-> the stream's own layout."""
+        return swap(t) if self.channels_first else t
 
     def head(self, mixed: torch.Tensor) -> torch.Tensor:
         """The final norm of a features-last value, returned features last."""
-        if not self.channels_first:
-            return self.norm(mixed)
-        return self.norm(mixed.transpose(1, 2)).transpose(1, 2)
+        return self.layout(self.norm(self.layout(mixed)))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.embed(ids)
-        if not self.channels_first:
-            return self.norm(self.layer(h))
-        return self.norm(self.layer(h.transpose(1, 2))).transpose(1, 2)
+        return self.layout(self.norm(self.layer(self.layout(self.embed(ids)))))
 
 
 class Model(nn.Module):
@@ -303,7 +302,7 @@ def test_every_generated_model_is_transformed_exactly_or_refused(
         expected = original.head(main)
         if original.side is not None:
             side = original.side
-            mixed = reference.block_attnres(side.start(ids), side.layer.sublayers(), params.pop(0), block_size, EPS)
+            mixed = reference.block_attnres(side.embed(ids), side.layer.sublayers(), params.pop(0), block_size, EPS)
             expected = expected + side.head(mixed)
         assert zoo.rel_err(tmodel(ids), expected) < 1e-4
 
