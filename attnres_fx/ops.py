@@ -109,18 +109,25 @@ def block_scores(
     `bias` [blocks], if given, is added to every logit of a block: -inf masks a placeholder slot."""
     weight = torch.stack([q.float() * g.float() for q, g in zip(queries, key_weights)])  # [J, d]
     if not torch.is_grad_enabled():  # nothing to keep; and Dynamo (2.14) mis-binds the inputs of a
-        return _phase_one(weight, bias, blocks, inv_rms)  # Function with *args when grad mode is off
+        if not torch.compiler.is_compiling() and not _on_kernels(blocks[0]):  # Function with *args when grad is off
+            return _phase_one_stacked(weight, bias, blocks, inv_rms)
+        return _phase_one(weight, bias, blocks, inv_rms)
     return _BlockScores.apply(weight, bias, *blocks, *inv_rms)
 
 
 def merge_partial(stats: BlockStats, k: int, partial: Tensor, query: Tensor, key_weight: Tensor, eps: float) -> Tensor:
     """Phase 2: add the partial sum as one more source to sublayer k's phase-1 result (online softmax)."""
     m, l, o = stats[0][..., k], stats[1][..., k], stats[2][..., k, :]
-    return _Merge.apply(m, l, o, partial, query.float() * key_weight.float(), eps)
+    weight = query.float() * key_weight.float()
+    if not torch.is_grad_enabled():  # decoding: nothing to keep, and a Function call costs more than the merge
+        return _merge(m, l, o, partial, weight, eps)
+    return _Merge.apply(m, l, o, partial, weight, eps)
 
 
 def completed_only(stats: BlockStats, k: int, like: Tensor) -> Tensor:
     """Phase 2 for a block's first sublayer: no partial sum yet, phase 1 is the whole answer."""
+    if not torch.is_grad_enabled():
+        return _normalize(stats[1][..., k], stats[2][..., k, :], like.dtype)
     return _Normalize.apply(stats[1][..., k], stats[2][..., k, :], like.dtype)
 
 
@@ -155,6 +162,21 @@ def _phase_one(weight: Tensor, bias: Tensor | None, blocks: Sequence[Tensor], in
     exps = [torch.exp(x - m) for x in logits]
     weighted = functools.reduce(torch.add, (e.unsqueeze(-1) * v.unsqueeze(-2) for e, v in zip(exps, values)))
     return m, functools.reduce(torch.add, exps), weighted.to(blocks[0].dtype)
+
+
+def _phase_one_stacked(
+    weight: Tensor, bias: Tensor | None, blocks: Sequence[Tensor], inv_rms: Sequence[Tensor]
+) -> BlockStats:
+    """Phase 1's forward in a fixed number of ops, as matmuls over the stacked blocks: eager decoding (one token per
+    block, where op count is the cost); `_phase_one`'s per-block form is what Inductor fuses into one read."""
+    values = torch.stack(list(blocks)).float()  # [n, ..., d]
+    logits = (values @ weight.t()) * torch.stack(list(inv_rms))  # [n, ..., J]
+    if bias is not None:
+        logits = logits + bias.view(-1, *(1,) * (logits.dim() - 1))
+    m = logits.amax(0)
+    exps = torch.exp(logits - m)
+    weighted = torch.matmul(exps.movedim(0, -1), values.movedim(0, -2))  # [..., J, n] @ [..., n, d]
+    return m, exps.sum(0), weighted.to(blocks[0].dtype)
 
 
 def _phase_one_grads(
@@ -277,12 +299,16 @@ def _merge_terms(
     return a, b, a * l + b, (dot, r)
 
 
+def _normalize(l: Tensor, o: Tensor, dtype: torch.dtype) -> Tensor:
+    return (o.float() / l.unsqueeze(-1)).to(dtype)
+
+
 class _Normalize(torch.autograd.Function):
     """Phase 2 without a partial sum: h = o / l."""
 
     @staticmethod
     def forward(ctx, l: Tensor, o: Tensor, dtype: torch.dtype) -> Tensor:  # type: ignore[override]
-        out = (o.float() / l.unsqueeze(-1)).to(dtype)
+        out = _normalize(l, o, dtype)
         ctx.save_for_backward(l, out)
         return out
 

@@ -6,6 +6,7 @@ Each entry is a fresh worker process (a few seconds each for eager / aot_eager, 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import statistics
@@ -107,3 +108,13 @@ def test_accuracy_rule_is_the_harness_rule() -> None:
     assert accuracy.accurate([near(1e-3)], [eager], lambda: [exact], "float32")
     assert not accuracy.accurate([near(3e-3)], [eager], lambda: [exact], "float32")
     assert not accuracy.accurate([torch.full_like(eager, float("nan"))], [eager], lambda: [exact], "float32")
+
+
+def test_gpu_script_fits_its_budget_and_names_real_steps(tmp_path):
+    from benchmarks import gpu
+
+    planned = gpu.steps(tmp_path)
+    assert sum(limit for _, _, limit in planned) <= gpu.BUDGET_S
+    for _, cmd, _ in planned:
+        module = cmd[cmd.index("-m") + 1]
+        assert importlib.util.find_spec(module) is not None, module

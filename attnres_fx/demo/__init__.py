@@ -1,7 +1,8 @@
-"""`attnres-fx demo`: a byte-level LM on the stdlib's source, baseline vs `attnres_fx.transform`.
+"""`attnres-fx demo`: a byte-level LM on the stdlib's source, baseline vs `attnres_fx.transform`, over seeds.
 
-Trains both side by side (same seed, same weights at step 0, same batches), prints a table and
-writes `loss.png`, `sublayer_magnitude.png`, `depth_weights.png` and `results.json` to the output
+Trains both side by side at each seed (same weights at step 0, same batches), then reports the final validation-loss
+gap per seed, its mean and standard error, and says whether it stands out of seed noise. Writes `loss.png`,
+`depth_profile.png` (the paper's Figure 5, from the first seed), `depth_weights.png` and `results.json` to the output
 folder. It reports what it finds, whichever model wins.
 """
 
@@ -9,47 +10,51 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
 import statistics
+import time
 from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
 from ..api import plan
-from .corpus import load_corpus, sample_batch
-from .measure import attnres_sublayer_rms, baseline_sublayer_rms, depth_weight_matrix
+from ..plan import Plan
+from .corpus import Corpus, load_corpus, sample_batch
+from .measure import depth_weight_matrix, stream_read_rms, sublayer_grad_norms, sublayer_output_rms
 from .train import DemoConfig, Variant, build_variants, train
 
-__all__ = ["DemoConfig", "run_demo", "run_seeds"]
+__all__ = ["DemoConfig", "run_demo"]
 
 WARMUP_STEPS = 5  # left out of the timings: compilation and allocator warm-up
 
 
 def run_demo(config: DemoConfig, out_dir: Path) -> dict:
-    """Train, measure, plot; returns what `results.json` holds."""
+    """Train at every seed, measure, plot; returns what `results.json` holds."""
     from . import plots  # matplotlib only when the demo runs
 
+    start = time.perf_counter()
     corpus = load_corpus(config.corpus_bytes)
-    example = sample_batch(corpus.train, 2, config.seq_len, torch.Generator().manual_seed(0))
-    baseline, attnres = variants = build_variants(config, example)
-    tplan = plan(attnres.model)
     print(f"corpus: {corpus.source}, {len(corpus.train):,} train / {len(corpus.val):,} validation bytes")
-    print(tplan, end="\n\n")
-    val_batches = train(config, corpus, variants)
-
-    probe = val_batches[0]
-    rms = {
-        "baseline": baseline_sublayer_rms(baseline.model, tplan, *probe),
-        "attnres": attnres_sublayer_rms(attnres.model, *probe),
-    }
-    weights = depth_weight_matrix(attnres.model, *probe)
+    seeds = list(range(config.seed, config.seed + config.seeds))
+    runs, first = {}, None
+    for seed in seeds:
+        print(f"\nseed {seed} ({seeds.index(seed) + 1} of {len(seeds)})")
+        variants, tplan, probe = _train_seed(dataclasses.replace(config, seed=seed), corpus, verbose=first is None)
+        runs[seed] = {v.name: _summary(v, variants[0], config) for v in variants}
+        if first is None:
+            first = (variants, tplan, probe)
+    variants, tplan, probe = first
+    profile = {v.name: _depth_profile(v, tplan, probe) for v in variants}
+    weights = depth_weight_matrix(variants[1].model, *probe)
     site_names = [s.name for s in tplan.parametrised]
     out_dir.mkdir(parents=True, exist_ok=True)
-    title = f"{config.layers} layers x width {config.width}, seed {config.seed}"
+    title = f"{config.layers} layers x width {config.width}, {len(seeds)} seed(s)"
+    curves = {name: [runs[s][name]["val_loss"] for s in seeds] for name in ("baseline", "attnres")}
     figures = {
-        "loss.png": plots.loss_figure({v.name: v.val_loss for v in variants}, config.tokens_per_step, title),
-        "sublayer_magnitude.png": plots.magnitude_figure(rms, tplan.block_size),
+        "loss.png": plots.loss_figure(curves, config.tokens_per_step, title),
+        "depth_profile.png": plots.depth_profile_figure(profile, tplan.block_size),
         "depth_weights.png": plots.weights_figure(weights, site_names),
     }
     for name, fig in figures.items():
@@ -60,50 +65,64 @@ def run_demo(config: DemoConfig, out_dir: Path) -> dict:
         "config": dataclasses.asdict(config),
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s), torch {torch.__version__}",
         "corpus": corpus.source,
-        "variants": {v.name: _summary(v, baseline, config) for v in variants},
-        "sublayer_rms": rms,
+        "seeds": {str(seed): run for seed, run in runs.items()},
+        "gap": gap_summary(
+            [runs[s]["attnres"]["final_val_loss"] - runs[s]["baseline"]["final_val_loss"] for s in seeds]
+        ),
+        "depth_profile": {"seed": config.seed, **profile},
         "depth_weights": {"sites": site_names, "matrix": weights.tolist()},
+        "wall_seconds": time.perf_counter() - start,
     }
+    results["verdict"] = verdict(results["gap"])
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"\n{'compiled' if config.compile else 'eager'}, {results['machine']}\n" + _table(results["variants"]))
-    print(_findings(results))
-    print(f"\nwrote {', '.join(figures)} and results.json to {out_dir}/")
+    print(f"\n{'compiled' if config.compile else 'eager'}, {results['machine']}\n" + _table(runs))
+    print("\n" + results["verdict"])
+    print(_profile_line(profile))
+    print(f"\nwrote {', '.join(figures)} and results.json to {out_dir}/ ({results['wall_seconds'] / 60:.1f} min)")
     return results
 
 
-def run_seeds(config: DemoConfig, out_dir: Path, seeds: int) -> dict:
-    """The demo at `seeds` consecutive seeds from `config.seed` (weights and batches both change), each in its own
-    folder, then the final validation-loss gap (attnres - baseline) per seed, its mean and its spread."""
-    runs = {
-        seed: run_demo(dataclasses.replace(config, seed=seed), out_dir / f"seed-{seed}")
-        for seed in range(config.seed, config.seed + seeds)
-    }
-    final = {seed: {v: r["variants"][v]["final_val_loss"] for v in ("baseline", "attnres")} for seed, r in runs.items()}
-    gaps = [f["attnres"] - f["baseline"] for f in final.values()]
-    spread = statistics.stdev(gaps) if len(gaps) > 1 else float("nan")
-    result = {
-        "config": dataclasses.asdict(config),
-        "seeds": list(runs),
-        "final_val_loss": final,
-        "gap_mean": statistics.fmean(gaps),
-        "gap_std": spread,
-        "gap_standard_error": spread / len(gaps) ** 0.5,
+def gap_summary(gaps: list[float]) -> dict:
+    """The per-seed final validation-loss gaps (attnres - baseline), their mean and standard error."""
+    se = statistics.stdev(gaps) / math.sqrt(len(gaps)) if len(gaps) > 1 else math.nan
+    return {
+        "per_seed": gaps,
+        "mean": statistics.fmean(gaps),
+        "standard_error": se,
         "attnres_ahead": sum(g < 0 for g in gaps),
     }
-    (out_dir / "seeds.json").write_text(json.dumps(result, indent=1))
-    rows = [
-        (seed, f"{f['baseline']:.4f}", f"{f['attnres']:.4f}", f"{g:+.4f}") for (seed, f), g in zip(final.items(), gaps)
-    ]
-    print(
-        "\n"
-        + tabulate(rows, headers=["seed", "baseline", "attnres", "gap (attnres - baseline)"], disable_numparse=True)
+
+
+def verdict(gap: dict) -> str:
+    """One line: the mean gap, its standard error and the seed count; a gap within two standard errors of zero (or
+    from one seed) is called seed noise."""
+    n, mean, se = len(gap["per_seed"]), gap["mean"], gap["standard_error"]
+    stats = (
+        f"mean gap {mean:+.4f} nats/byte, standard error {se:.4f}, {n} seed(s), AttnRes ahead in {gap['attnres_ahead']}"
     )
-    print(
-        f"\nFinal validation-loss gap over {len(gaps)} seeds: {result['gap_mean']:+.4f} nats/byte "
-        f"(std {spread:.4f}, standard error {result['gap_standard_error']:.4f}); "
-        f"AttnRes ahead in {result['attnres_ahead']} of {len(gaps)}. Wrote {out_dir}/seeds.json."
-    )
-    return result
+    if n < 2 or abs(mean) <= 2 * se:
+        return f"AttnRes vs baseline: {stats}: not distinguishable from seed noise."
+    side = "below" if mean < 0 else "above"
+    return f"AttnRes ended {abs(mean):.4f} nats/byte {side} the baseline ({stats}; more than two standard errors)."
+
+
+def _train_seed(config: DemoConfig, corpus: Corpus, verbose: bool) -> tuple[list[Variant], Plan, tuple]:
+    example = sample_batch(corpus.train, 2, config.seq_len, torch.Generator().manual_seed(0))
+    variants = build_variants(config, example)
+    tplan = plan(variants[1].model)
+    if verbose:
+        print(tplan, end="\n\n")
+    val_batches = train(config, corpus, variants)
+    return variants, tplan, val_batches[0]
+
+
+def _depth_profile(v: Variant, tplan: Plan, probe: tuple) -> dict[str, list[float]]:
+    v.model.eval()
+    return {
+        "stream_read_rms": stream_read_rms(v.model, *probe),
+        "output_rms": sublayer_output_rms(v.model, tplan, *probe),
+        "grad_norm": sublayer_grad_norms(v.model, tplan, *probe),
+    }
 
 
 def _summary(v: Variant, baseline: Variant, config: DemoConfig) -> dict:
@@ -120,9 +139,10 @@ def _summary(v: Variant, baseline: Variant, config: DemoConfig) -> dict:
     }
 
 
-def _table(summaries: dict[str, dict]) -> str:
+def _table(runs: dict[int, dict[str, dict]]) -> str:
     rows = [
         (
+            seed,
             name,
             f"{s['parameters']:,}",
             f"{s['final_val_loss']:.4f}",
@@ -131,9 +151,11 @@ def _table(summaries: dict[str, dict]) -> str:
             f"{100 * (s['step_time_vs_baseline'] - 1):+.1f}%",
             f"{s['first_step_seconds']:.1f}",
         )
-        for name, s in summaries.items()
+        for seed, run in runs.items()
+        for name, s in run.items()
     ]
     headers = [
+        "seed",
         "model",
         "parameters",
         "final val loss",
@@ -142,16 +164,13 @@ def _table(summaries: dict[str, dict]) -> str:
         "step time vs baseline",
         "first step s",
     ]
-    return tabulate(rows, headers=headers)
+    return tabulate(rows, headers=headers, disable_numparse=True)
 
 
-def _findings(results: dict) -> str:
-    base, attn = results["variants"]["baseline"], results["variants"]["attnres"]
-    delta = attn["final_val_loss"] - base["final_val_loss"]
-    growth = {name: values[-1] / values[0] for name, values in results["sublayer_rms"].items()}
-    verdict = "below" if delta < 0 else "above"
+def _profile_line(profile: dict[str, dict[str, list[float]]]) -> str:
+    """How the stream each sublayer reads grows with depth (the paper: the baseline's grows, AttnRes stays bounded)."""
+    growth = {name: p["stream_read_rms"][-1] / p["stream_read_rms"][0] for name, p in profile.items()}
     return (
-        f"\nAttnRes ended {abs(delta):.4f} nats/byte {verdict} the baseline (seed {results['config']['seed']}, "
-        f"same batches and token budget).\nLast / first sublayer output RMS: baseline {growth['baseline']:.2f}x, "
+        f"Stream read by the final norm / by the first sublayer (RMS): baseline {growth['baseline']:.2f}x, "
         f"attnres {growth['attnres']:.2f}x."
     )

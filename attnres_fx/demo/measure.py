@@ -1,23 +1,25 @@
-"""What the demo plots besides the loss: sublayer output magnitudes by depth and the depth weights.
+"""What the demo plots besides the loss: the depth profile (the paper's Figure 5) and the depth weights.
 
-Both are read generically: the sublayers are the plan's branch modules, the AttnRes quantities come
-from the sites of the transformed graph. Nothing here knows the demo model's class.
+All read generically: the sublayers are the plan's branch modules (forward hooks fire in the transformed model as in
+the original), the streams the sublayers read come from the depth-attention sites. Nothing here knows the demo
+model's class.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 from torch import Tensor, nn
 
-from ..api import plan, site_records
+from ..api import plan, site_records, transform
 from ..plan import Plan
 
 
 @torch.no_grad()
-def baseline_sublayer_rms(model: nn.Module, tplan: Plan, *args: Tensor) -> list[float]:
-    """RMS of each residual sublayer's output (what it adds to the stream) in the untransformed model."""
+def sublayer_output_rms(model: nn.Module, tplan: Plan, *args: Tensor) -> list[float]:
+    """RMS of each residual sublayer's output (what it adds to the stream), original or transformed."""
     outputs: dict[int, Tensor] = {}
 
     def hook(j: int):
@@ -37,16 +39,28 @@ def baseline_sublayer_rms(model: nn.Module, tplan: Plan, *args: Tensor) -> list[
 
 
 @torch.no_grad()
-def attnres_sublayer_rms(model: nn.Module, *args: Tensor) -> list[float]:
-    """RMS of each sublayer's output in the transformed model, read off the depth-attention sources.
+def stream_read_rms(model: nn.Module, *args: Tensor) -> list[float]:
+    """RMS of the stream each sublayer (and the final norm) reads, by depth: in a transformed model its depth mix;
+    in an original one the running residual sum, read off a zero-initialised transform of a copy, whose sources
+    (stream start, completed blocks, partial sum) add up to exactly that sum."""
+    if hasattr(model, "attnres"):
+        records = list(site_records(model, args, {}).values())
+        mixes = [(r.weights.unsqueeze(-1) * torch.stack([s.float() for s in r.sources])).sum(0) for r in records]
+        return [_rms(records[0].sources[0]), *(_rms(m) for m in mixes)]
+    records = list(site_records(transform(copy.deepcopy(model), args), args, {}).values())
+    return [_rms(records[0].sources[0]), *(_rms(torch.stack([s.float() for s in r.sources]).sum(0)) for r in records)]
 
-    The last source of site j is the running sum of sublayer j-1's block after j-1 ran, so sublayer
-    j-1's output is that sum minus the previous site's (or the sum itself when j-1 opened a block).
-    """
-    tplan = plan(model)
-    sums = [r.sources[-1].float() for r in site_records(model, args, {}).values()]  # sites 1..S-1, final
-    outputs = [s if (j % tplan.block_size == 0) else s - sums[j - 1] for j, s in enumerate(sums)]
-    return [_rms(o) for o in outputs]
+
+def sublayer_grad_norms(model: nn.Module, tplan: Plan, *args: Tensor) -> list[float]:
+    """L2 norm of each sublayer's parameter gradient (its branch modules') for the loss the model returns on `args`."""
+    model.zero_grad(set_to_none=True)
+    model(*args).backward()
+    norms = []
+    for site in tplan.sites:
+        grads = [p.grad.float().pow(2).sum() for path in site.branch for p in model.get_submodule(path).parameters()]
+        norms.append(torch.stack(grads).sum().sqrt().item())
+    model.zero_grad(set_to_none=True)
+    return norms
 
 
 @torch.no_grad()

@@ -13,18 +13,21 @@ from torch import Tensor
 COLORS = {"baseline": "tab:gray", "attnres": "tab:blue"}
 
 
-def loss_figure(val_loss: dict[str, list[tuple[int, float]]], tokens_per_step: int, title: str) -> Figure:
-    """Validation loss against training tokens, one curve per model."""
+def loss_figure(val_loss: dict[str, list[list[tuple[int, float]]]], tokens_per_step: int, title: str) -> Figure:
+    """Validation loss against training tokens: one curve per model and seed."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, curve in val_loss.items():
-        ax.plot(
-            [s * tokens_per_step for s, _ in curve],
-            [loss for _, loss in curve],
-            "o-",
-            ms=3,
-            label=name,
-            color=COLORS.get(name),
-        )
+    for name, curves in val_loss.items():
+        for k, curve in enumerate(curves):
+            ax.plot(
+                [s * tokens_per_step for s, _ in curve],
+                [loss for _, loss in curve],
+                "o-",
+                ms=3,
+                lw=1,
+                alpha=0.8,
+                label=name if k == 0 else None,
+                color=COLORS.get(name),
+            )
     ax.set(xlabel="training tokens", ylabel="validation loss (nats / byte)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -32,22 +35,28 @@ def loss_figure(val_loss: dict[str, list[tuple[int, float]]], tokens_per_step: i
     return fig
 
 
-def magnitude_figure(rms: dict[str, list[float]], block_size: int) -> Figure:
-    """RMS of each sublayer's output by depth, one curve per model; AttnRes block edges dotted."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, values in rms.items():
-        ax.plot(range(len(values)), values, "o-", ms=3, label=name, color=COLORS.get(name))
-    depth = max(len(v) for v in rms.values())
-    for edge in range(block_size, depth, block_size):
-        ax.axvline(edge - 0.5, color="tab:blue", alpha=0.15, ls=":")
-    ax.set_yscale("log")
-    ax.set(
-        xlabel="sublayer (attention, MLP, attention, ...)",
-        ylabel="RMS of sublayer output",
-        title="Sublayer output magnitude by depth",
-    )
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
+PROFILE_PANELS = {
+    "stream_read_rms": "RMS of the stream it reads",
+    "output_rms": "RMS of its output",
+    "grad_norm": "gradient norm of its parameters",
+}
+
+
+def depth_profile_figure(profile: dict[str, dict[str, list[float]]], block_size: int) -> Figure:
+    """The paper's Figure 5: per sublayer, the magnitude of what it reads and writes and of its gradient, by model.
+    `profile[model][panel]`; AttnRes block edges dotted."""
+    fig, axes = plt.subplots(1, len(PROFILE_PANELS), figsize=(15, 4))
+    for ax, (panel, label) in zip(axes, PROFILE_PANELS.items()):
+        for name, values in profile.items():
+            ax.plot(range(len(values[panel])), values[panel], "o-", ms=3, label=name, color=COLORS.get(name))
+        depth = max(len(v[panel]) for v in profile.values())
+        for edge in range(block_size, depth, block_size):
+            ax.axvline(edge - 0.5, color="tab:blue", alpha=0.15, ls=":")
+        ax.set_yscale("log")
+        ax.set(xlabel="sublayer (attention, MLP, ...; the last read is the final norm's)", ylabel=label)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    fig.suptitle("Depth profile after training")
     fig.tight_layout()
     return fig
 

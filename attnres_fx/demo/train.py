@@ -37,6 +37,7 @@ class DemoConfig:
     eval_every: int = 100
     eval_batches: int = 8
     seed: int = 0
+    seeds: int = 3  # runs at seed, seed + 1, ...: the loss gap's mean and standard error
     corpus_bytes: int = 4_000_000
     compile: bool = False  # eager by default: compiling both costs ~3 min on 2 cores
 
