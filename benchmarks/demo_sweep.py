@@ -1,11 +1,11 @@
-"""The sweep the demo's defaults were chosen from: final validation loss of baseline and AttnRes over seeds.
+"""The sweep the demo's defaults were chosen from: the demo itself at other sizes and budgets, over seeds.
 
-    python -m benchmarks.demo_sweep                         # the settings below, 3 seeds each (about an hour)
+    python -m benchmarks.demo_sweep                         # the settings below (about 6 minutes each on 2 cores)
     python -m benchmarks.demo_sweep --settings 12x64,s1000 --seeds 5
 
-A setting is `LAYERSxWIDTH` plus optional `,sSTEPS`, `,tSEQ_LEN`, `,bBATCH`, `,lrLR`, `,nBLOCKS`. Per setting: the
-per-seed gap (attnres - baseline, nats/byte), its mean and standard error, and the wall time of training both
-models at all seeds on this machine. Appends to docs/demo/sweep.json, which `docs/demo/README.md` quotes.
+A setting is `LAYERSxWIDTH` plus optional `,sSTEPS`, `,tSEQ_LEN`, `,bBATCH`, `,lrLR`, `,nBLOCKS`; the rest is the
+demo's default. Per setting: the per-seed gap (attnres - baseline, nats/byte), its mean and standard error, and the
+wall time of the whole demo run on this machine. Adds to docs/demo/sweep.json, which `docs/demo/README.md` quotes.
 """
 
 from __future__ import annotations
@@ -13,17 +13,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
-from attnres_fx.demo.corpus import load_corpus, sample_batch
-from attnres_fx.demo.train import DemoConfig, build_variants, train
+from attnres_fx.demo import DemoConfig, run_demo
 
-DEFAULT_SETTINGS = "12x64,s1000;12x64,s1000,t64;16x48,s1000,t64;12x64,s600,t64,lr0.006;8x64,s1000,t64"
+DEFAULT_SETTINGS = "12x64,s500,t64,lr0.006;8x64,s700,t64"
 FIELDS = {"s": "steps", "t": "seq_len", "b": "batch_size", "lr": "lr", "n": "num_blocks"}
 
 
@@ -37,36 +34,27 @@ def parse(setting: str) -> DemoConfig:
     return dataclasses.replace(DemoConfig(), **changes)
 
 
-def final_losses(config: DemoConfig) -> dict[str, float]:
-    corpus = load_corpus(config.corpus_bytes)
-    example = sample_batch(corpus.train, 2, config.seq_len, torch.Generator().manual_seed(0))
-    variants = build_variants(config, example)
-    train(config, corpus, variants)
-    return {v.name: v.val_loss[-1][1] for v in variants}
-
-
-def sweep(setting: str, seeds: int) -> dict:
-    config = parse(setting)
-    start = time.perf_counter()
-    runs = [final_losses(dataclasses.replace(config, seed=s)) for s in range(seeds)]
-    gaps = [r["attnres"] - r["baseline"] for r in runs]
-    se = statistics.stdev(gaps) / len(gaps) ** 0.5 if len(gaps) > 1 else float("nan")
+def sweep(setting: str, seeds: int, out: Path) -> dict:
+    config = dataclasses.replace(parse(setting), seeds=seeds)
+    results = run_demo(config, out / setting.replace(",", "_"))
+    gap = results["gap"]
     return {
         "setting": setting,
-        "config": dataclasses.asdict(config),
-        "final_val_loss": runs,
-        "gaps": gaps,
-        "gap_mean": statistics.fmean(gaps),
-        "gap_standard_error": se,
-        "wall_s": time.perf_counter() - start,
-        "threads": torch.get_num_threads(),
+        "config": results["config"],
+        "gaps": gap["per_seed"],
+        "gap_mean": gap["mean"],
+        "gap_standard_error": gap["standard_error"],
+        "verdict": results["verdict"],
+        "wall_s": results["wall_seconds"],
+        "machine": results["machine"],
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", default=DEFAULT_SETTINGS, help="';'-separated settings")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=DemoConfig.seeds)
+    parser.add_argument("--runs", default="demo_sweep", help="folder for each setting's plots and results.json")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(Path(__file__).parents[1] / "docs" / "demo" / "sweep.json"))
     args = parser.parse_args()
@@ -74,7 +62,7 @@ def main() -> None:
     path = Path(args.out)
     results = json.loads(path.read_text()) if path.exists() else []
     for setting in args.settings.split(";"):
-        results = [r for r in results if r["setting"] != setting] + [sweep(setting, args.seeds)]
+        results = [r for r in results if r["setting"] != setting] + [sweep(setting, args.seeds, Path(args.runs))]
         path.write_text(json.dumps(results, indent=1))
     rows = [
         (

@@ -11,9 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import multiprocessing
+import os
 import platform
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -21,7 +24,7 @@ from tabulate import tabulate
 
 from ..api import plan
 from ..plan import Plan
-from .corpus import Corpus, load_corpus, sample_batch
+from .corpus import load_corpus, sample_batch
 from .measure import depth_weight_matrix, stream_read_rms, sublayer_grad_norms, sublayer_output_rms
 from .train import DemoConfig, Variant, build_variants, train
 
@@ -31,31 +34,30 @@ WARMUP_STEPS = 5  # left out of the timings: compilation and allocator warm-up
 
 
 def run_demo(config: DemoConfig, out_dir: Path) -> dict:
-    """Train at every seed, measure, plot; returns what `results.json` holds."""
+    """Train at every seed (`config.workers` seeds at a time, each in its own process), measure, plot; returns what
+    `results.json` holds. The first seed's models give the depth profile and weights."""
     from . import plots  # matplotlib only when the demo runs
 
     start = time.perf_counter()
-    corpus = load_corpus(config.corpus_bytes)
-    print(f"corpus: {corpus.source}, {len(corpus.train):,} train / {len(corpus.val):,} validation bytes")
     seeds = list(range(config.seed, config.seed + config.seeds))
-    runs, first = {}, None
-    for seed in seeds:
-        print(f"\nseed {seed} ({seeds.index(seed) + 1} of {len(seeds)})")
-        variants, tplan, probe = _train_seed(dataclasses.replace(config, seed=seed), corpus, verbose=first is None)
-        runs[seed] = {v.name: _summary(v, variants[0], config) for v in variants}
-        if first is None:
-            first = (variants, tplan, probe)
-    variants, tplan, probe = first
-    profile = {v.name: _depth_profile(v, tplan, probe) for v in variants}
-    weights = depth_weight_matrix(variants[1].model, *probe)
-    site_names = [s.name for s in tplan.parametrised]
+    jobs = [(dataclasses.replace(config, seed=s), s == config.seed, torch.get_num_threads()) for s in seeds]
+    print(f"training {len(seeds)} seed(s), {min(config.workers, len(seeds))} at a time; progress of seed {config.seed}")
+    if config.workers > 1 and len(seeds) > 1:
+        context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's thread pools
+        with ProcessPoolExecutor(min(config.workers, len(seeds)), mp_context=context) as pool:
+            outcomes = list(pool.map(_train_seed, *zip(*jobs)))
+    else:
+        outcomes = [_train_seed(*job) for job in jobs]
+    runs = {seed: outcome["variants"] for seed, outcome in zip(seeds, outcomes)}
+    first = outcomes[0]
     out_dir.mkdir(parents=True, exist_ok=True)
     title = f"{config.layers} layers x width {config.width}, {len(seeds)} seed(s)"
     curves = {name: [runs[s][name]["val_loss"] for s in seeds] for name in ("baseline", "attnres")}
+    weights = torch.tensor(first["depth_weights"]["matrix"])
     figures = {
         "loss.png": plots.loss_figure(curves, config.tokens_per_step, title),
-        "depth_profile.png": plots.depth_profile_figure(profile, tplan.block_size),
-        "depth_weights.png": plots.weights_figure(weights, site_names),
+        "depth_profile.png": plots.depth_profile_figure(first["depth_profile"], first["block_size"]),
+        "depth_weights.png": plots.weights_figure(weights, first["depth_weights"]["sites"]),
     }
     for name, fig in figures.items():
         fig.savefig(out_dir / name, dpi=120)
@@ -63,21 +65,22 @@ def run_demo(config: DemoConfig, out_dir: Path) -> dict:
 
     results = {
         "config": dataclasses.asdict(config),
-        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s), torch {torch.__version__}",
-        "corpus": corpus.source,
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s) per seed, "
+        f"torch {torch.__version__}",
+        "corpus": first["corpus"],
         "seeds": {str(seed): run for seed, run in runs.items()},
         "gap": gap_summary(
             [runs[s]["attnres"]["final_val_loss"] - runs[s]["baseline"]["final_val_loss"] for s in seeds]
         ),
-        "depth_profile": {"seed": config.seed, **profile},
-        "depth_weights": {"sites": site_names, "matrix": weights.tolist()},
+        "depth_profile": {"seed": config.seed, **first["depth_profile"]},
+        "depth_weights": first["depth_weights"],
         "wall_seconds": time.perf_counter() - start,
     }
     results["verdict"] = verdict(results["gap"])
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\n{'compiled' if config.compile else 'eager'}, {results['machine']}\n" + _table(runs))
     print("\n" + results["verdict"])
-    print(_profile_line(profile))
+    print(_profile_line(first["depth_profile"]))
     print(f"\nwrote {', '.join(figures)} and results.json to {out_dir}/ ({results['wall_seconds'] / 60:.1f} min)")
     return results
 
@@ -106,14 +109,25 @@ def verdict(gap: dict) -> str:
     return f"AttnRes ended {abs(mean):.4f} nats/byte {side} the baseline ({stats}; more than two standard errors)."
 
 
-def _train_seed(config: DemoConfig, corpus: Corpus, verbose: bool) -> tuple[list[Variant], Plan, tuple]:
+def _train_seed(config: DemoConfig, measure: bool, threads: int) -> dict:
+    """One seed, baseline and AttnRes (in a worker process or not): each model's summary and, with `measure`, the
+    depth profile and weights of the trained models."""
+    torch.set_num_threads(threads)  # a worker starts with torch's default
+    corpus = load_corpus(config.corpus_bytes)
     example = sample_batch(corpus.train, 2, config.seq_len, torch.Generator().manual_seed(0))
     variants = build_variants(config, example)
     tplan = plan(variants[1].model)
-    if verbose:
-        print(tplan, end="\n\n")
-    val_batches = train(config, corpus, variants)
-    return variants, tplan, val_batches[0]
+    if measure:
+        print(f"corpus: {corpus.source}, {len(corpus.train):,} train / {len(corpus.val):,} validation bytes")
+        print(tplan, end="\n\n", flush=True)
+    probe = train(config, corpus, variants, show_progress=measure)[0]
+    outcome: dict = {"variants": {v.name: _summary(v, variants[0], config) for v in variants}, "corpus": corpus.source}
+    if measure:
+        weights = depth_weight_matrix(variants[1].model, *probe)
+        outcome["depth_profile"] = {v.name: _depth_profile(v, tplan, probe) for v in variants}
+        outcome["depth_weights"] = {"sites": [s.name for s in tplan.parametrised], "matrix": weights.tolist()}
+        outcome["block_size"] = tplan.block_size
+    return outcome
 
 
 def _depth_profile(v: Variant, tplan: Plan, probe: tuple) -> dict[str, list[float]]:

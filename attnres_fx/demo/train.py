@@ -24,22 +24,24 @@ from ..progress import Progress
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes and budget of the demo. Defaults: deep and narrow, where the paper finds AttnRes helps."""
+    """Sizes and budget of the demo. Defaults: deep and narrow, where the paper finds AttnRes helps, at a budget of
+    about 6 minutes on 2 cores (4 seeds, 2 at a time); chosen from the sweep in docs/demo/README.md."""
 
     width: int = 64
     layers: int = 12
     heads: int = 4
     num_blocks: int = 8
-    seq_len: int = 128
+    seq_len: int = 64
     batch_size: int = 8
-    steps: int = 500
-    lr: float = 3e-3
-    eval_every: int = 100
+    steps: int = 360
+    lr: float = 6e-3
+    eval_every: int = 60
     eval_batches: int = 8
     seed: int = 0
-    seeds: int = 3  # runs at seed, seed + 1, ...: the loss gap's mean and standard error
+    seeds: int = 4  # runs at seed, seed + 1, ...: the loss gap's mean and standard error
+    workers: int = 2  # processes training seeds side by side (one thread each by default)
     corpus_bytes: int = 4_000_000
-    compile: bool = False  # eager by default: compiling both costs ~3 min on 2 cores
+    compile: bool = False  # eager by default: compiling both costs ~3 min of the 6 on 2 cores
 
     @property
     def tokens_per_step(self) -> int:
@@ -100,7 +102,9 @@ def learning_rate(config: DemoConfig, step: int) -> float:
     return config.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
-def train(config: DemoConfig, corpus: Corpus, variants: list[Variant]) -> list[tuple[Tensor, Tensor]]:
+def train(
+    config: DemoConfig, corpus: Corpus, variants: list[Variant], show_progress: bool = True
+) -> list[tuple[Tensor, Tensor]]:
     """Train every variant for `config.steps` steps on the same batches; returns the validation batches."""
     data_rng = torch.Generator().manual_seed(config.seed)
     val_rng = torch.Generator().manual_seed(config.seed + 1)
@@ -117,8 +121,10 @@ def train(config: DemoConfig, corpus: Corpus, variants: list[Variant]) -> list[t
             for v in variants:
                 v.evaluate(step + 1, val_batches)
         losses = "  ".join(f"{v.name} {v.train_loss[-1]:.3f}" for v in variants)
-        progress.update(step + 1, f"loss: {losses}  {_tokens_per_second(config, variants) / 1e3:.1f}k tok/s")
-    progress.close()
+        if show_progress:
+            progress.update(step + 1, f"loss: {losses}  {_tokens_per_second(config, variants) / 1e3:.1f}k tok/s")
+    if show_progress:
+        progress.close()
     return val_batches
 
 
