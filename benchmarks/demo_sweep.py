@@ -20,7 +20,7 @@ from tabulate import tabulate
 
 from attnres_fx.demo import DemoConfig, run_demo
 
-DEFAULT_SETTINGS = "12x64,s500,t64,lr0.006;8x64,s700,t64"
+DEFAULT_SETTINGS = "12x64,s360,t64,lr0.006;12x64,s500,t64,lr0.006;12x64,s1000,t64,lr0.003"
 FIELDS = {"s": "steps", "t": "seq_len", "b": "batch_size", "lr": "lr", "n": "num_blocks"}
 
 
