@@ -108,8 +108,8 @@ def block_scores(
     """Phase 1: score the J sublayers of a block against all completed blocks at once (statistics in fp32).
     `bias` [blocks], if given, is added to every logit of a block: -inf masks a placeholder slot."""
     weight = torch.stack([q.float() * g.float() for q, g in zip(queries, key_weights)])  # [J, d]
-    if not torch.is_grad_enabled():  # nothing to keep; and Dynamo (2.14) mis-binds the inputs of a
-        if not torch.compiler.is_compiling() and not _on_kernels(blocks[0]):  # Function with *args when grad is off
+    if not torch.is_grad_enabled():  # nothing to keep (and Dynamo 2.14 mis-binds a Function's *args without grad)
+        if not torch.compiler.is_compiling() and not _on_kernels(blocks[0]):
             return _phase_one_stacked(weight, bias, blocks, inv_rms)
         return _phase_one(weight, bias, blocks, inv_rms)
     return _BlockScores.apply(weight, bias, *blocks, *inv_rms)
