@@ -108,10 +108,8 @@ def block_scores(
     """Phase 1: score the J sublayers of a block against all completed blocks at once (statistics in fp32).
     `bias` [blocks], if given, is added to every logit of a block: -inf masks a placeholder slot."""
     weight = torch.stack([q.float() * g.float() for q, g in zip(queries, key_weights)])  # [J, d]
-    if not torch.is_grad_enabled():  # nothing to keep (and Dynamo 2.14 mis-binds a Function's *args without grad)
-        if not torch.compiler.is_compiling() and not _on_kernels(blocks[0]):
-            return _phase_one_stacked(weight, bias, blocks, inv_rms)
-        return _phase_one(weight, bias, blocks, inv_rms)
+    if not torch.is_grad_enabled():  # nothing to keep; and Dynamo (2.14) mis-binds the inputs of a
+        return _phase_one(weight, bias, blocks, inv_rms)  # Function with *args when grad mode is off
     return _BlockScores.apply(weight, bias, *blocks, *inv_rms)
 
 
@@ -162,21 +160,6 @@ def _phase_one(weight: Tensor, bias: Tensor | None, blocks: Sequence[Tensor], in
     exps = [torch.exp(x - m) for x in logits]
     weighted = functools.reduce(torch.add, (e.unsqueeze(-1) * v.unsqueeze(-2) for e, v in zip(exps, values)))
     return m, functools.reduce(torch.add, exps), weighted.to(blocks[0].dtype)
-
-
-def _phase_one_stacked(
-    weight: Tensor, bias: Tensor | None, blocks: Sequence[Tensor], inv_rms: Sequence[Tensor]
-) -> BlockStats:
-    """Phase 1's forward in a fixed number of ops, as matmuls over the stacked blocks: eager decoding (one token per
-    block, where op count is the cost); `_phase_one`'s per-block form is what Inductor fuses into one read."""
-    values = torch.stack(list(blocks)).float()  # [n, ..., d]
-    logits = (values @ weight.t()) * torch.stack(list(inv_rms))  # [n, ..., J]
-    if bias is not None:
-        logits = logits + bias.view(-1, *(1,) * (logits.dim() - 1))
-    m = logits.amax(0)
-    exps = torch.exp(logits - m)
-    weighted = torch.matmul(exps.movedim(0, -1), values.movedim(0, -2))  # [..., J, n] @ [..., n, d]
-    return m, exps.sum(0), weighted.to(blocks[0].dtype)
 
 
 def _phase_one_grads(
