@@ -100,6 +100,7 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
         "eval_every": "steps between validation evaluations",
         "seed": "seed of the initial weights and of the batches (the first seed)",
         "seeds": "runs at seed, seed+1, ...: the loss gap's mean and standard error",
+        "workers": "processes training seeds side by side",
     }
     for name, what in sizes.items():
         default = getattr(defaults, name)
@@ -107,7 +108,7 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=defaults.lr, help=f"peak learning rate (default {defaults.lr})")
     p.add_argument("--compile", action="store_true", help="train both with torch.compile (adds minutes of compilation)")
     p.add_argument("--quick", action="store_true", help="a one-minute smoke run at tiny sizes")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per seed's process")
     p.add_argument("--out", default="attnres_demo", help="folder for the plots and results.json")
     p.set_defaults(run=demo)
 
