@@ -13,6 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .. import ops
 from ..api import plan, site_records, transform
 from ..plan import Plan
 
@@ -43,12 +44,14 @@ def stream_read_rms(model: nn.Module, *args: Tensor) -> list[float]:
     """RMS of the stream each sublayer (and the final norm) reads, by depth: in a transformed model its depth mix;
     in an original one the running residual sum, read off a zero-initialised transform of a copy, whose sources
     (stream start, completed blocks, partial sum) add up to exactly that sum."""
-    if hasattr(model, "attnres"):
-        records = list(site_records(model, args, {}).values())
-        mixes = [(r.weights.unsqueeze(-1) * torch.stack([s.float() for s in r.sources])).sum(0) for r in records]
-        return [_rms(records[0].sources[0]), *(_rms(m) for m in mixes)]
-    records = list(site_records(transform(copy.deepcopy(model), args), args, {}).values())
-    return [_rms(records[0].sources[0]), *(_rms(torch.stack([s.float() for s in r.sources]).sum(0)) for r in records)]
+    transformed = hasattr(model, "attnres")
+    records = list(site_records(model if transformed else transform(copy.deepcopy(model), args), args, {}).values())
+
+    def read(record: ops.SiteRecord) -> Tensor:
+        values = torch.stack([s.float() for s in record.sources])
+        return (record.weights.unsqueeze(-1) * values).sum(0) if transformed else values.sum(0)
+
+    return [_rms(records[0].sources[0]), *(_rms(read(r)) for r in records)]
 
 
 def sublayer_grad_norms(model: nn.Module, tplan: Plan, *args: Tensor) -> list[float]:
