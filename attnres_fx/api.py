@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from . import hf, ops
+from . import cpu_kernels, hf, ops
 from .capture import CapturedGraph, capture, split_inputs
 from .errors import (
     AlreadyTransformedError,
@@ -100,6 +100,8 @@ def transform(
     several = len(chosen) > 1
     device = next((p.device for p in model.parameters()), streams[0].start.meta["val"].device)
     options = dict(num_blocks=num_blocks, block_size=block_size, two_phase="two_phase" in passes, device=device)
+    if options["two_phase"] and device.type == "cpu":  # built here, so that a compile traces the kernel's operator
+        cpu_kernels.build(streams[0].start.meta["val"].dtype)
     runtimes = [
         _runtime(stream, layers, calls, f"stream_{k}" if several else "", **options)
         for k, (stream, layers) in enumerate(chosen)

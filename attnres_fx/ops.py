@@ -12,9 +12,12 @@ import functools
 import importlib.util
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 from torch import Tensor
+
+from . import cpu_kernels
 
 
 @dataclass(frozen=True)
@@ -88,10 +91,11 @@ def recording() -> Iterator[list[SiteRecord]]:
 # sources and outputs the graph keeps anyway, and nothing of shape [tokens, J, d]. The cheap parts
 # (logits, exponentials) are recomputed. The running max m only keeps exp() in range: the result
 # does not depend on it, so it carries no gradient. Phase 1's forward and backward are computed by
-# the Triton kernels (`kernels.py`) for CUDA tensors, the merge's in eager mode only: under
-# torch.compile Inductor fuses the torch code of the merge into the kernel of the norm that reads
-# its output (one pass over the partial sum instead of a write and a read of the mix, which an
-# opaque kernel would cost). Everywhere else the torch code below computes.
+# kernels: the Triton ones (`kernels.py`) for CUDA tensors, the C++ one (`cpu_kernels.py`) for CPU
+# tensors; the merge's too, in eager mode only: under torch.compile Inductor fuses the torch code of
+# the merge into the kernel of the norm that reads its output (one pass over the partial sum instead
+# of a write and a read of the mix, which an opaque kernel would cost). Everywhere else (other
+# dtypes, no triton or no C++ compiler) the torch code below computes.
 
 # running max [..., J] and sum of exp [..., J] in fp32; weighted sum [..., J, d] in the blocks' dtype
 BlockStats = tuple[Tensor, Tensor, Tensor]
@@ -108,8 +112,10 @@ def block_scores(
     """Phase 1: score the J sublayers of a block against all completed blocks at once (statistics in fp32).
     `bias` [blocks], if given, is added to every logit of a block: -inf masks a placeholder slot."""
     weight = torch.stack([q.float() * g.float() for q, g in zip(queries, key_weights)])  # [J, d]
-    if not torch.is_grad_enabled():  # nothing to keep; and Dynamo (2.14) mis-binds the inputs of a
-        return _phase_one(weight, bias, blocks, inv_rms)  # Function with *args when grad mode is off
+    if not torch.is_grad_enabled():  # nothing to keep; and Dynamo (2.14) mis-binds the inputs of a Function with
+        # *args when grad mode is off. Compiled without a backward (inference, decoding), Inductor's code for phase 1
+        # fuses with its readers and is faster than the C++ operator, whose point is a backward compiled once.
+        return _phase_one(weight, bias, blocks, inv_rms, cpu_kernel=not torch.compiler.is_compiling())
     return _BlockScores.apply(weight, bias, *blocks, *inv_rms)
 
 
@@ -134,9 +140,15 @@ def _on_kernels(x: Tensor) -> bool:
     return _kernels is not None and x.is_cuda and x.dtype in _KERNEL_DTYPES
 
 
-def _merge_on_kernels(partial: Tensor) -> bool:
-    """The merge's kernels run in eager mode; compiled, Inductor fuses its torch code with the norm that follows."""
-    return _on_kernels(partial) and not torch.compiler.is_compiling()
+def _merge_kernels(partial: Tensor, *others: Tensor) -> ModuleType | None:
+    """The kernels that compute the merge, in eager mode only (compiled, Inductor fuses its torch code with the norm
+    that follows): the Triton ones for CUDA tensors, the C++ one for CPU tensors (of one dtype with `others`); None:
+    the torch code."""
+    if torch.compiler.is_compiling():
+        return None
+    if _on_kernels(partial):
+        return _kernels
+    return cpu_kernels if cpu_kernels.handles(partial, *others) else None
 
 
 def _keys_dot(values: Tensor, weight: Tensor) -> Tensor:
@@ -150,10 +162,16 @@ def _weight_grad(grad_logits: Tensor, values: Tensor) -> Tensor:
     return torch.matmul(grad, values.flatten(0, -2)).float()
 
 
-def _phase_one(weight: Tensor, bias: Tensor | None, blocks: Sequence[Tensor], inv_rms: Sequence[Tensor]) -> BlockStats:
-    """Phase 1's forward: logits per completed block, then the online statistics over all of them."""
+def _phase_one(
+    weight: Tensor, bias: Tensor | None, blocks: Sequence[Tensor], inv_rms: Sequence[Tensor], cpu_kernel: bool = True
+) -> BlockStats:
+    """Phase 1's forward: logits per completed block, then the online statistics over all of them (on CPU tensors by
+    the C++ kernel, unless `cpu_kernel` is False)."""
     if _on_kernels(blocks[0]):
         return _kernels.phase_one(weight, list(blocks), list(inv_rms), bias)
+    if cpu_kernel and cpu_kernels.handles(*blocks):
+        m, l, o = cpu_kernels.phase_one(weight, bias, list(blocks), list(inv_rms))
+        return m, l, o
     values = [b.float() for b in blocks]
     logits = [_keys_dot(v, weight) * r + _bias(bias, i) for i, (v, r) in enumerate(zip(values, inv_rms))]
     m = functools.reduce(torch.maximum, logits)
@@ -178,6 +196,10 @@ def _phase_one_grads(
         )
         grad_weight = functools.reduce(torch.add, (_weight_grad(c, b) for c, b in zip(coef, blocks)))
         return grad_weight, grad_blocks, grad_rms
+    if cpu_kernels.handles(*blocks):
+        n = len(blocks)
+        grads = cpu_kernels.phase_one_backward(weight, bias, m, list(blocks), list(inv_rms), grad_l, grad_o)
+        return grads[0], grads[1 : n + 1], grads[n + 1 :]
     grads = [
         _source_grads(b, r, _bias(bias, i), weight, m, grad_l, grad_o) for i, (b, r) in enumerate(zip(blocks, inv_rms))
     ]
@@ -246,8 +268,9 @@ class _Merge(torch.autograd.Function):
 
 def _merge(m: Tensor, l: Tensor, o: Tensor, partial: Tensor, weight: Tensor, eps: float) -> Tensor:
     """The merge's forward."""
-    if _merge_on_kernels(partial):
-        return _kernels.merge(m, l, o, partial, weight, eps)
+    kernels = _merge_kernels(partial, o)
+    if kernels is not None:
+        return kernels.merge(m, l, o, partial, weight, eps)
     p = partial.float()
     a, b, z, _ = _merge_terms(m, l, p, weight, eps)
     return ((a.unsqueeze(-1) * o + b.unsqueeze(-1) * p) / z.unsqueeze(-1)).to(partial.dtype)
@@ -257,8 +280,9 @@ def _merge_grads(
     m: Tensor, l: Tensor, partial: Tensor, weight: Tensor, out: Tensor, grad_out: Tensor, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The merge's backward: gradients of (l, o, partial, weight), from the output instead of phase 1's o."""
-    if _merge_on_kernels(partial):
-        grad_l, grad_o, grad_p, coef = _kernels.merge_backward(m, l, partial, weight, out, grad_out, eps)
+    kernels = _merge_kernels(partial, out, grad_out)
+    if kernels is not None:
+        grad_l, grad_o, grad_p, coef = kernels.merge_backward(m, l, partial, weight, out, grad_out, eps)
         return grad_l, grad_o, grad_p, _weight_grad(coef.unsqueeze(-1), partial).squeeze(0)
     p, g = partial.float(), grad_out.float()
     a, b, z, (dot, r) = _merge_terms(m, l, p, weight, eps)

@@ -1,8 +1,9 @@
-"""The Triton kernels compute what the torch ops compute, outputs and every gradient.
+"""The kernels compute what the torch ops compute, outputs and every gradient: the Triton kernels (`kernels.py`) and
+the C++ phase-1 kernel for CPU tensors (`cpu_kernels.py`).
 
-On a machine without a GPU they run under the Triton interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1
-before triton is imported); with one, on CUDA tensors. Each case runs the same two-phase block twice, once on the
-kernels and once on the torch code, from the same inputs.
+On a machine without a GPU the Triton kernels run under the Triton interpreter on CPU tensors (conftest sets
+TRITON_INTERPRET=1 before triton is imported); with one, on CUDA tensors. The C++ kernel runs on CPU tensors. Each case
+runs the same two-phase block twice, once on the kernels and once on the torch code, from the same inputs.
 """
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 import zoo
 
 import attnres_fx
-from attnres_fx import kernels, ops
+from attnres_fx import cpu_kernels, kernels, ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-6
@@ -24,20 +25,31 @@ CASES = {
 
 
 PHASE_ONE, MERGE = {"phase_one", "phase_one_backward"}, {"merge", "merge_backward"}
+KERNELS = {"triton": kernels, "cpu": cpu_kernels}  # family: its module (phase 1 and the merge, each with a backward)
+FAMILIES = list(KERNELS)
+
+
+def device_of(family: str | None) -> str:
+    """The C++ kernel computes for CPU tensors; the Triton kernels for CUDA ones, or under the interpreter."""
+    return "cpu" if family == "cpu" else DEVICE
 
 
 class Routing:
-    """Routes the ops to the kernels or to the torch code, whatever the device, and records which kernels ran."""
+    """Routes the ops to one family of kernels or to the torch code, whatever the device, and records which kernels
+    ran."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch):
         self.monkeypatch, self.launched = monkeypatch, set()
-        for name in PHASE_ONE | MERGE:
-            op = getattr(kernels, name)
-            monkeypatch.setattr(kernels, name, lambda *a, op=op, name=name: self.launched.add(name) or op(*a))
+        for module in KERNELS.values():
+            for name in PHASE_ONE | MERGE:
+                op = getattr(module, name)
+                monkeypatch.setattr(module, name, lambda *a, op=op, name=name: self.launched.add(name) or op(*a))
 
-    def __call__(self, use: bool) -> None:
+    def __call__(self, family: str | None) -> None:
+        """`family`: "triton", "cpu", or None for the torch code."""
         self.launched.clear()
-        self.monkeypatch.setattr(ops, "_on_kernels", lambda x: use)
+        self.monkeypatch.setattr(ops, "_on_kernels", lambda x: family == "triton")
+        self.monkeypatch.setattr(cpu_kernels, "handles", lambda *x: family == "cpu")
 
 
 @pytest.fixture
@@ -45,18 +57,18 @@ def on_kernels(monkeypatch) -> Routing:
     return Routing(monkeypatch)
 
 
-def block_inputs(lead, d, completed, sublayers, dtype, values_in):
+def block_inputs(lead, d, completed, sublayers, dtype, values_in, device):
     """Random inputs in `dtype` holding values of `values_in` (bf16 values in fp32 for a bf16 run's reference)."""
     g = torch.Generator().manual_seed(0)
 
     def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(values_in).to(DEVICE, dtype).requires_grad_()
+        return (torch.randn(*shape, generator=g) * scale).to(values_in).to(device, dtype).requires_grad_()
 
     blocks = [rand(*lead, d, scale=1 + i) for i in range(completed)]  # magnitudes that differ, as depth makes them
     partials = [rand(*lead, d) for _ in range(sublayers - 1)]
     queries = [rand(d, scale=0.5) for _ in range(sublayers)]
     key_weights = [(1 + rand(d, scale=0.1)).detach().requires_grad_() for _ in range(sublayers)]
-    cotangents = [torch.randn(*lead, d, generator=g).to(DEVICE) for _ in range(sublayers)]
+    cotangents = [torch.randn(*lead, d, generator=g).to(device) for _ in range(sublayers)]
     return blocks, partials, queries, key_weights, cotangents
 
 
@@ -66,7 +78,7 @@ def two_phase_block(blocks, partials, queries, key_weights, cotangents, empty=0)
     bank, see `state.py`)."""
     slots = [torch.zeros_like(blocks[0]) for _ in range(empty)] + blocks
     inv_rms = [ops.inverse_rms(b, EPS) for b in slots]
-    bias = torch.tensor([float("-inf")] * empty + [0.0] * len(blocks), device=DEVICE) if empty else None
+    bias = torch.tensor([float("-inf")] * empty + [0.0] * len(blocks), device=blocks[0].device) if empty else None
     stats = ops.block_scores(slots, inv_rms, queries, key_weights, bias)
     outs = [ops.completed_only(stats, 0, blocks[0])]
     outs += [ops.merge_partial(stats, k, p, queries[k], key_weights[k], EPS) for k, p in enumerate(partials, 1)]
@@ -81,47 +93,53 @@ def err(a, b) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1.0)).item()
 
 
-def run(route, use_kernels, case, dtype, values_in=None, empty=0):
-    """The block on the kernels or on the torch code; checks that exactly the kernels it needs ran (or none)."""
-    route(use_kernels)
-    result = two_phase_block(*block_inputs(*case, dtype, values_in or dtype), empty=empty)
+def run(route, family, case, dtype, values_in=None, empty=0, device=None):
+    """The block on a family of kernels or (None) on the torch code, on that family's device; checks that exactly the
+    kernels it needs ran (or none)."""
+    route(family)
+    inputs = block_inputs(*case, dtype, values_in or dtype, device or device_of(family))
+    result = two_phase_block(*inputs, empty=empty)
     sublayers = case[-1]
-    assert route.launched == ((PHASE_ONE | (MERGE if sublayers > 1 else set())) if use_kernels else set())
+    expected = (PHASE_ONE | MERGE) if family else set()
+    assert route.launched == (expected if sublayers > 1 else expected - MERGE)
     return result
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_kernels_equal_torch_ops_fp32(on_kernels, case) -> None:
-    outs, grads = run(on_kernels, True, case, torch.float32)
-    ref_outs, ref_grads = run(on_kernels, False, case, torch.float32)
+def test_kernels_equal_torch_ops_fp32(on_kernels, family, case) -> None:
+    outs, grads = run(on_kernels, family, case, torch.float32)
+    ref_outs, ref_grads = run(on_kernels, None, case, torch.float32, device=device_of(family))
     for out, ref in zip(outs, ref_outs):
         assert err(out, ref) < 1e-5
     for grad, ref in zip(grads, ref_grads, strict=True):
         assert err(grad, ref) < 1e-5
 
 
-@pytest.mark.parametrize("use_kernels", [True, False], ids=["kernels", "torch"])
+@pytest.mark.parametrize("family", [*FAMILIES, None], ids=[*FAMILIES, "torch"])
 @pytest.mark.parametrize("case", [CASES["ragged-d96"], CASES["two-launches-block-size-3"]], ids=["one", "two launches"])
-def test_masked_placeholder_slots_change_nothing(on_kernels, use_kernels, case) -> None:
+def test_masked_placeholder_slots_change_nothing(on_kernels, family, case) -> None:
     """Placeholders before the blocks (the oldest slots, as in the bank), masked: the same outputs and gradients as the
-    blocks alone, on the kernels (which fold the newest slot first, so their running max starts finite) and the torch
-    code; with more slots than one launch reads, the bias of each launch's own blocks."""
-    outs, grads = run(on_kernels, use_kernels, case, torch.float32, empty=kernels.MAX_BLOCKS - 1)
-    ref_outs, ref_grads = run(on_kernels, use_kernels, case, torch.float32)
+    blocks alone, on the kernels (the Triton ones fold the newest slot first, so their running max starts finite) and
+    the torch code; with more slots than one Triton launch reads, the bias of each launch's own blocks."""
+    outs, grads = run(on_kernels, family, case, torch.float32, empty=kernels.MAX_BLOCKS - 1)
+    ref_outs, ref_grads = run(on_kernels, family, case, torch.float32)
     for out, ref in zip(outs, ref_outs):
         assert err(out, ref) < 1e-5
     for grad, ref in zip(grads, ref_grads, strict=True):
         assert err(grad, ref) < 1e-5
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_kernels_in_bf16_match_an_fp32_reference(on_kernels, case) -> None:
+def test_kernels_in_bf16_match_an_fp32_reference(on_kernels, family, case) -> None:
     """bf16 in and out, fp32 statistics, against the torch ops in fp32 on the same (bf16) values. bf16 keeps 8
-    significant bits: a rounding costs up to 2^-8 of a value on a GPU (to nearest), 2^-7 under the interpreter (toward
-    zero). An output meets two (phase 1's weighted sum, the result): 2 x 2^-7 < 2%; a gradient up to four (the output
-    it is computed from, the upstream gradient, its own): < 4%. A wrong index or dropped term is off by O(1)."""
-    outs, grads = run(on_kernels, True, case, torch.bfloat16)
-    ref_outs, ref_grads = run(on_kernels, False, case, torch.float32, values_in=torch.bfloat16)  # the same values
+    significant bits: a rounding costs up to 2^-8 of a value on a GPU and in C++ (to nearest), 2^-7 under the
+    interpreter (toward zero). An output meets two (phase 1's weighted sum, the result): 2 x 2^-7 < 2%; a gradient up
+    to four (the output it is computed from, the upstream gradient, its own): < 4%. A wrong index or dropped term is
+    off by O(1)."""
+    outs, grads = run(on_kernels, family, case, torch.bfloat16)
+    ref_outs, ref_grads = run(on_kernels, None, case, torch.float32, torch.bfloat16, device=device_of(family))
     for out, ref in zip(outs, ref_outs):
         assert out.dtype == torch.bfloat16
         assert err(out, ref) < 2e-2
@@ -129,25 +147,27 @@ def test_kernels_in_bf16_match_an_fp32_reference(on_kernels, case) -> None:
         assert err(grad, ref) < 4e-2
 
 
-@pytest.mark.parametrize(("block_size", "expected"), [(3, PHASE_ONE | MERGE), (1, PHASE_ONE)], ids=["3", "full"])
-def test_kernels_run_inside_a_transformed_model(on_kernels, block_size, expected) -> None:
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("block_size", "merges"), [(3, True), (1, False)], ids=["3", "full"])
+def test_kernels_run_inside_a_transformed_model(on_kernels, family, block_size, merges) -> None:
     """A transformed model's outputs and every gradient are the same on the kernels as on the torch ops (Full
-    AttnRes: 8 sublayers, each its own block, so the last sites read more blocks than one launch takes, and no
+    AttnRes: 8 sublayers, each its own block, so the last sites read more blocks than one Triton launch takes, and no
     partial sum is ever merged)."""
-    model = attnres_fx.transform(zoo.llama(layers=4).to(DEVICE), block_size=block_size)
+    device = device_of(family)
+    model = attnres_fx.transform(zoo.llama(layers=4).to(device), block_size=block_size)
     with torch.no_grad():
         for p in model.attnres.parameters():
             p.normal_(std=0.3)
-    ids = zoo.token_ids().to(DEVICE)
+    ids = zoo.token_ids().to(device)
     results = []
-    for use in (True, False):
+    for use in (family, None):
         on_kernels(use)
         model.zero_grad()
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         results.append((out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
         if use:
-            assert on_kernels.launched == expected
+            assert on_kernels.launched == (PHASE_ONE | MERGE if merges else PHASE_ONE)
     (logits, grads), (ref_logits, ref_grads) = results
     assert zoo.rel_err(logits, ref_logits) < 1e-5
     for name, ref in ref_grads.items():
@@ -180,3 +200,24 @@ def test_kernels_compile_into_one_graph_on_cuda() -> None:
     assert zoo.rel_err(logits, ref_logits) < 1e-4
     for name, ref in ref_grads.items():
         assert zoo.rel_err(grads[name], ref) < 1e-4, name
+
+
+def test_sources_of_mixed_dtypes_as_under_autocast() -> None:
+    """Under autocast a stream's start can be fp32 and later blocks bf16. The C++ kernel reads all sources as one
+    dtype, so such blocks are left to the torch code: the same outputs and gradients as with the C++ kernels switched
+    off (reading a bf16 block as fp32 is off by O(1))."""
+    results = []
+    for use in (True, False):
+        torch.manual_seed(0)
+        inputs = block_inputs((3, 5), 64, 3, 2, torch.float32, torch.float32, "cpu")
+        blocks, partials, queries, key_weights, cotangents = inputs
+        blocks[1:] = [b.detach().bfloat16().requires_grad_() for b in blocks[1:]]
+        with pytest.MonkeyPatch.context() as patch:
+            if not use:
+                patch.setattr(cpu_kernels, "handles", lambda *x: False)
+            results.append(two_phase_block(blocks, partials, queries, key_weights, cotangents))
+    (outs, grads), (ref_outs, ref_grads) = results
+    for out, ref in zip(outs, ref_outs):
+        assert err(out, ref) < 1e-5
+    for grad, ref in zip(grads, ref_grads, strict=True):
+        assert err(grad, ref) < 1e-5

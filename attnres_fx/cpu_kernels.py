@@ -1,0 +1,463 @@
+"""C++ kernels for the two-phase depth attention on CPU tensors (`ops.py` holds the math and its autograd).
+
+Phase 1 (and its backward) in eager and compiled models: written in torch ops, phase 1 over n completed blocks is
+n-dependent code, so Inductor built a kernel per block count and fused each into the layer code around it, and every
+layer's kernels came out different (44 distinct C++ kernels for the small benchmark model against the baseline's 16,
+at ~1.7 CPU-s each to build). Here the block count is a runtime argument: a compiled graph calls one opaque operator
+for every block, and the layers' own kernels are the same at every depth. The merge with the partial sum (phase 2) in
+eager mode only: compiled, Inductor fuses its torch code with the norm that reads the result.
+
+Per token: phase 1 scores its completed blocks, takes their softmax statistics (fp32) and the weighted sums of the J
+sublayers of the block in one more pass over the token's rows; its backward writes each block's gradients and
+per-thread partial weight gradients that one sum reduces. A slot whose bias is -inf (a fixed-size bank's placeholder,
+`state.py`) is not read and gets zero gradients. The merge takes W tokens at a time, so that its exponentials and
+square roots are vector operations. Sources, the weighted sum and their gradients are in the model's dtype (fp32,
+bf16, fp16), statistics in fp32.
+
+Built with Inductor's own C++ toolchain and flags (`CppPythonBindingsCodeCache`, cached like Inductor's kernels), once
+per dtype that is used (about 1 s each once Inductor has checked the machine's vector ISA); where no compiler works,
+`ops.py` computes with torch ops instead.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+_DTYPES = {torch.float32: "float", torch.bfloat16: "c10::BFloat16", torch.float16: "c10::Half"}  # C++ types
+
+_SOURCE = r"""
+#include <torch/csrc/inductor/cpp_prefix.h>
+#include <numeric>
+#include <vector>
+
+// Inductor builds with -fno-tree-loop-vectorize and -fmath-errno: every loop over features is written in vectors, and
+// exponentials and square roots are taken W lanes at a time.
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t W = Vec::size();
+
+// Up to n values from p as fp32 (lanes past n are zero), and back into p's dtype.
+template <typename T>
+static inline Vec load(const T* p, int64_t n) { return at::vec::convert<float>(at::vec::Vectorized<T>::loadu(p, n)); }
+static inline Vec load(const float* p, int64_t n) { return Vec::loadu(p, n); }
+template <typename T>
+static inline void store(Vec x, T* p, int64_t n) { at::vec::convert<T>(x).store(p, n); }
+static inline void store(Vec x, float* p, int64_t n) { x.store(p, n); }
+
+static inline int64_t lanes(int64_t k, int64_t size) { return std::min(W, size - k); }
+static inline float sum(Vec x) { return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, x); }
+
+// Four accumulators: one would make every step wait for the one before (the latency of a fused multiply-add).
+template <typename A, typename B>
+static inline float dot(const A* x, const B* y, int64_t D) {
+    Vec acc[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
+    int64_t k = 0;
+    for (; k + 4 * W <= D; k += 4 * W)
+        for (int u = 0; u < 4; ++u) acc[u] = at::vec::fmadd(load(x + k + u * W, W), load(y + k + u * W, W), acc[u]);
+    for (; k < D; k += W) acc[0] = at::vec::fmadd(load(x + k, lanes(k, D)), load(y + k, lanes(k, D)), acc[0]);
+    return sum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+}
+
+// x[k] = exp(x[k] - shift[k]) for the n values of x.
+static inline void exp_shifted(float* x, const float* shift, int64_t n) {
+    for (int64_t k = 0; k < n; k += W) {
+        int64_t c = lanes(k, n);
+        (Vec::loadu(x + k, c) - Vec::loadu(shift + k, c)).exp().store(x + k, c);
+    }
+}
+
+// Phase 1 per token t: m[t, j], l[t, j] and o[t, j, :] over the n blocks for each of the J weights: the logits of all
+// blocks, their exponentials, then the weighted sums, four sublayers at a time over one read of each block's chunk.
+template <typename T>
+static void forward(const float* w, const float* bias, const int64_t* blocks, const int64_t* rms, int64_t n,
+                    int64_t M, int64_t D, int64_t J, float* m_out, float* l_out, T* o_out, int64_t threads) {
+    std::vector<int64_t> live;  // the slots that hold a block (not a placeholder)
+    for (int64_t i = 0; i < n; ++i)
+        if (!bias || bias[i] != -INFINITY) live.push_back(i);
+    const int64_t N = live.size();
+    #pragma omp parallel num_threads(threads)
+    {
+        std::vector<float> x(J * N), top(J * N), o(J * D);  // x: per sublayer j, the logits of the N blocks, then
+                                                             // their weights; o: the token's weighted sums in fp32
+        std::vector<const T*> v(N);
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < M; ++t) {
+            for (int64_t a = 0; a < N; ++a) {
+                int64_t i = live[a];
+                v[a] = reinterpret_cast<const T*>(blocks[i]) + t * D;
+                float r = reinterpret_cast<const float*>(rms[i])[t], b = bias ? bias[i] : 0.f;
+                for (int64_t j = 0; j < J; ++j) x[j * N + a] = dot(v[a], w + j * D, D) * r + b;
+            }
+            for (int64_t j = 0; j < J; ++j) {
+                float m = *std::max_element(x.begin() + j * N, x.begin() + (j + 1) * N);
+                std::fill(top.begin() + j * N, top.begin() + (j + 1) * N, m);
+                m_out[t * J + j] = m;
+            }
+            exp_shifted(x.data(), top.data(), J * N);
+            for (int64_t j = 0; j < J; ++j)
+                l_out[t * J + j] = std::accumulate(x.begin() + j * N, x.begin() + (j + 1) * N, 0.f);
+            // o[j] += weight * block, block by block: the feature chunks are independent, so nothing waits
+            for (int64_t a = 0; a < N; ++a)
+                for (int64_t k = 0; k < D; k += W) {
+                    int64_t c = lanes(k, D);
+                    Vec va = load(v[a] + k, c);
+                    for (int64_t j = 0; j < J; ++j) {
+                        float* oj = o.data() + j * D + k;
+                        Vec e(x[j * N + a]);
+                        (a == 0 ? va * e : at::vec::fmadd(va, e, Vec::loadu(oj, c))).store(oj, c);
+                    }
+                }
+            for (int64_t k = 0; k < J * D; k += W) {
+                int64_t c = lanes(k, J * D);
+                store(Vec::loadu(o.data() + k, c), o_out + t * J * D + k, c);
+            }
+        }
+    }
+}
+
+// Phase 1's backward per token t and block i: the gradients of the block and of its inverse RMS; per thread, the
+// weights' gradient (summed over the threads afterwards).
+template <typename T>
+static void backward(const float* w, const float* bias, const int64_t* blocks, const int64_t* rms, int64_t n,
+                     int64_t M, int64_t D, int64_t J, const float* m, const float* grad_l, const T* grad_o,
+                     const int64_t* grad_blocks, const int64_t* grad_rms, float* grad_w, int64_t threads) {
+    #pragma omp parallel num_threads(threads)
+    {
+        std::vector<float> z(J), e(J), shift(J), gxr(J);
+        float* gw = grad_w + omp_get_thread_num() * J * D;
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < M; ++t) {
+            const T* go = grad_o + t * J * D;
+            for (int64_t i = 0; i < n; ++i) {
+                T* grad_v = reinterpret_cast<T*>(grad_blocks[i]) + t * D;
+                float* grad_r = reinterpret_cast<float*>(grad_rms[i]) + t;
+                float b = bias ? bias[i] : 0.f;
+                if (b == -INFINITY) {  // a placeholder: read by nothing
+                    for (int64_t k = 0; k < D; k += W) store(Vec(0.f), grad_v + k, lanes(k, D));
+                    *grad_r = 0.f;
+                    continue;
+                }
+                const T* v = reinterpret_cast<const T*>(blocks[i]) + t * D;
+                float r = reinterpret_cast<const float*>(rms[i])[t], gr = 0.f;
+                for (int64_t j = 0; j < J; ++j) {
+                    z[j] = dot(v, w + j * D, D);
+                    e[j] = z[j] * r + b;
+                    shift[j] = m[t * J + j];
+                }
+                exp_shifted(e.data(), shift.data(), J);
+                for (int64_t j = 0; j < J; ++j) {
+                    float gx = (grad_l[t * J + j] + dot(v, go + j * D, D)) * e[j];
+                    gxr[j] = gx * r;
+                    gr += gx * z[j];
+                }
+                for (int64_t k = 0; k < D; k += W) {
+                    int64_t c = lanes(k, D);
+                    Vec vk = load(v + k, c), g(0.f);
+                    for (int64_t j = 0; j < J; ++j) {
+                        g = at::vec::fmadd(load(go + j * D + k, c), Vec(e[j]), g);
+                        g = at::vec::fmadd(Vec::loadu(w + j * D + k, c), Vec(gxr[j]), g);
+                        float* gwj = gw + j * D + k;
+                        at::vec::fmadd(vk, Vec(gxr[j]), Vec::loadu(gwj, c)).store(gwj, c);
+                    }
+                    store(g, grad_v + k, c);
+                }
+                *grad_r = gr;
+            }
+        }
+    }
+}
+
+// The merge (phase 2) for W tokens from t0 (n of them real): the partial sum p as one more source of a sublayer's
+// phase-1 row (m, l with token stride ms), by online softmax. Per token: p . weight, 1/RMS(p), the weights a of the
+// row and b of p, and the normaliser z = a l + b.
+struct MergeTile { float dot[W], r[W], a[W], b[W], z[W]; };
+
+template <typename T>
+static inline MergeTile merge_tile(const float* m, const float* l, const T* p, const float* w, int64_t t0, int64_t n,
+                                   int64_t D, int64_t ms, float eps) {
+    MergeTile c;
+    float squares[W], mt[W], lt[W];
+    for (int64_t i = 0; i < W; ++i) {
+        const T* row = p + (t0 + i) * D;
+        bool real = i < n;
+        c.dot[i] = real ? dot(row, w, D) : 0.f;
+        squares[i] = real ? dot(row, row, D) : 1.f;
+        mt[i] = real ? m[(t0 + i) * ms] : 0.f;
+        lt[i] = real ? l[(t0 + i) * ms] : 1.f;
+    }
+    Vec r = (Vec::loadu(squares) / Vec(static_cast<float>(D)) + Vec(eps)).rsqrt();
+    Vec s = Vec::loadu(c.dot) * r, mv = Vec::loadu(mt), top = at::vec::maximum(mv, s);
+    Vec a = (mv - top).exp(), b = (s - top).exp();
+    r.store(c.r);
+    a.store(c.a);
+    b.store(c.b);
+    (a * Vec::loadu(lt) + b).store(c.z);
+    return c;
+}
+
+template <typename T>
+static void merge(const float* m, const float* l, const T* o, const T* p, const float* w, T* out, int64_t M,
+                  int64_t D, int64_t ms, int64_t os, float eps, int64_t threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t0 = 0; t0 < M; t0 += W) {
+        int64_t n = lanes(t0, M);
+        MergeTile c = merge_tile(m, l, p, w, t0, n, D, ms, eps);
+        for (int64_t i = 0; i < n; ++i) {
+            int64_t t = t0 + i;
+            Vec a(c.a[i] / c.z[i]), b(c.b[i] / c.z[i]);
+            for (int64_t k = 0; k < D; k += W) {
+                int64_t cn = lanes(k, D);
+                store(a * load(o + t * os + k, cn) + b * load(p + t * D + k, cn), out + t * D + k, cn);
+            }
+        }
+    }
+}
+
+// The merge's gradients of l, o and p, and per token the coefficient of p in the weight's gradient; from the
+// merge's output h rather than phase 1's o.
+template <typename T>
+static void merge_backward(const float* m, const float* l, const T* p, const float* w, const T* h, const T* g,
+                           float* grad_l, T* grad_o, T* grad_p, float* coef, int64_t M, int64_t D, int64_t ms,
+                           float eps, int64_t threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t0 = 0; t0 < M; t0 += W) {
+        int64_t n = lanes(t0, M);
+        MergeTile c = merge_tile(m, l, p, w, t0, n, D, ms, eps);
+        for (int64_t i = 0; i < n; ++i) {
+            int64_t t = t0 + i;
+            const T *gt = g + t * D, *pt = p + t * D;
+            float g_out = dot(gt, h + t * D, D), z = c.z[i], r = c.r[i];
+            float grad_s = c.b[i] * (dot(gt, pt, D) - g_out) / z;
+            grad_l[t] = -c.a[i] * g_out / z;
+            coef[t] = grad_s * r;
+            Vec ga(c.a[i] / z), gb(c.b[i] / z), gw(grad_s * r), gq(grad_s * c.dot[i] * r * r * r / D);
+            for (int64_t k = 0; k < D; k += W) {
+                int64_t cn = lanes(k, D);
+                Vec gk = load(gt + k, cn);
+                store(ga * gk, grad_o + t * D + k, cn);
+                store(gb * gk + gw * Vec::loadu(w + k, cn) - gq * load(pt + k, cn), grad_p + t * D + k, cn);
+            }
+        }
+    }
+}
+
+// The arguments of an op, in the order its wrapper in cpu_kernels.py writes them: addresses and sizes.
+struct Args {
+    const int64_t* next;
+    template <typename P> P* ptr() { return reinterpret_cast<P*>(*next++); }
+    int64_t num() { return *next++; }
+    const int64_t* list(int64_t n) { const int64_t* start = next; next += n; return start; }
+};
+
+template <typename T>
+static void run(int64_t op, Args a, float eps, int64_t threads) {
+    if (op == 0 || op == 1) {  // phase 1: n, M, D, J, weight, bias (0: none), m, then per op below
+        int64_t n = a.num(), M = a.num(), D = a.num(), J = a.num();
+        const float* w = a.ptr<const float>();
+        const float* bias = a.ptr<const float>();
+        float* m = a.ptr<float>();
+        if (op == 0) {  // l, o, blocks, inverse RMS
+            float* l = a.ptr<float>();
+            T* o = a.ptr<T>();
+            const int64_t* blocks = a.list(n);
+            forward<T>(w, bias, blocks, a.list(n), n, M, D, J, m, l, o, threads);
+        } else {  // grad_l, grad_o, grad_w (per thread), blocks, inverse RMS, their gradients
+            const float* grad_l = a.ptr<const float>();
+            const T* grad_o = a.ptr<const T>();
+            float* grad_w = a.ptr<float>();
+            const int64_t* blocks = a.list(n);
+            const int64_t* rms = a.list(n);
+            const int64_t* grad_blocks = a.list(n);
+            backward<T>(w, bias, blocks, rms, n, M, D, J, m, grad_l, grad_o, grad_blocks, a.list(n), grad_w, threads);
+        }
+    } else {  // merge: M, D, token stride of m and l, m, l, partial, weight, then per op below
+        int64_t M = a.num(), D = a.num(), ms = a.num();
+        const float* m = a.ptr<const float>();
+        const float* l = a.ptr<const float>();
+        const T* p = a.ptr<const T>();
+        const float* w = a.ptr<const float>();
+        if (op == 2) {  // token stride of o, o, out
+            int64_t os = a.num();
+            const T* o = a.ptr<const T>();
+            merge<T>(m, l, o, p, w, a.ptr<T>(), M, D, ms, os, eps, threads);
+        } else {  // out, grad_out, grad_l, grad_o, grad_p, coef
+            const T* out = a.ptr<const T>();
+            const T* g = a.ptr<const T>();
+            float* grad_l = a.ptr<float>();
+            T* grad_o = a.ptr<T>();
+            T* grad_p = a.ptr<T>();
+            merge_backward<T>(m, l, p, w, out, g, grad_l, grad_o, grad_p, a.ptr<float>(), M, D, ms, eps, threads);
+        }
+    }
+}
+
+"""
+
+# The entry point, built once per dtype (the model's: a build for all three would take ten times as long).
+_ENTRY = """
+// op 0: phase 1, 1: its backward, 2: the merge, 3: its backward.
+extern "C" void kernel(int64_t op, const int64_t* args, float eps, int64_t threads) {
+    run<%s>(op, Args{args}, eps, threads);
+}
+"""
+_ARGTYPES = ["int64_t", "const int64_t*", "float", "int64_t"]
+_PHASE_ONE, _PHASE_ONE_BACKWARD, _MERGE, _MERGE_BACKWARD = range(4)
+
+_kernels: dict[torch.dtype, Callable[..., None]] = {}
+_unbuildable: bool = False  # the C++ toolchain failed once: torch ops compute from then on
+
+
+def build(dtype: torch.dtype) -> bool:
+    """Build the kernel for sources of `dtype` (once per process; Inductor's cache keeps the library across them);
+    False, with a warning, where Inductor's C++ toolchain cannot build it: torch ops compute then. Called where
+    nothing is traced (`transform`, an eager call, a compiled graph running the operator)."""
+    global _unbuildable
+    if dtype not in _kernels and not _unbuildable:
+        from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+        try:
+            _kernels[dtype] = CppPythonBindingsCodeCache.load_pybinding(_ARGTYPES, _SOURCE + _ENTRY % _DTYPES[dtype])
+        except Exception as error:  # no compiler, or one that fails
+            warnings.warn(f"attnres_fx: the CPU depth-attention kernel could not be built ({error}); using torch ops.")
+            _unbuildable = True
+    return dtype in _kernels
+
+
+def handles(*tensors: Tensor) -> bool:
+    """Whether the kernel computes for these sources: CPU tensors of one dtype that it handles (it reads them all as
+    one; mixed dtypes, as autocast makes them, are left to torch ops). While a compile traces, where the toolchain has
+    built the kernel for some dtype: the operator builds the one it needs when it runs."""
+    dtype = tensors[0].dtype
+    if dtype not in _DTYPES or any(t.device.type != "cpu" or t.dtype != dtype for t in tensors):
+        return False
+    return bool(_kernels) if torch.compiler.is_compiling() else build(dtype)
+
+
+def _launch(op: int, dtype: torch.dtype, *args: int | Tensor | None | list[Tensor], eps: float = 0.0) -> None:
+    """Run `op` on `args` as the C++ code reads them (sizes as they are, tensors (contiguous, or strided as the op
+    says) and None (0) by address, lists of tensors address by address), on torch's threads."""
+    flat: list[int] = []
+    for arg in args:
+        if isinstance(arg, list):
+            flat += [t.data_ptr() for t in arg]
+        else:
+            flat.append(arg.data_ptr() if isinstance(arg, Tensor) else arg or 0)
+    if not build(dtype):
+        raise RuntimeError("attnres_fx: the CPU depth-attention kernel could not be built (see the warning above).")
+    _kernels[dtype](op, torch.tensor(flat, dtype=torch.int64), eps, torch.get_num_threads())
+
+
+def _contiguous(tensors: list[Tensor]) -> list[Tensor]:
+    return [t.contiguous() for t in tensors]
+
+
+def _stats_like(weight: Tensor, first: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Empty (m, l, o) for J = weight rows over blocks like `first`."""
+    J, D = weight.shape
+    m = first.new_empty((*first.shape[:-1], J), dtype=torch.float32)
+    return m, torch.empty_like(m), first.new_empty((*first.shape[:-1], J, D))
+
+
+def _phase_one(
+    weight: Tensor, bias: Tensor | None, blocks: list[Tensor], inv_rms: list[Tensor], m: Tensor, l: Tensor, o: Tensor
+) -> None:
+    J, D = weight.shape
+    weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
+    blocks, inv_rms = _contiguous(blocks), _contiguous(inv_rms)
+    _launch(_PHASE_ONE, o.dtype, len(blocks), m.numel() // J, D, J, weight, bias, m, l, o, blocks, inv_rms)
+
+
+def _phase_one_backward(
+    weight: Tensor,
+    bias: Tensor | None,
+    m: Tensor,
+    blocks: list[Tensor],
+    inv_rms: list[Tensor],
+    grad_l: Tensor,
+    grad_o: Tensor,
+    grad_weight: Tensor,
+    grad_blocks: list[Tensor],
+    grad_rms: list[Tensor],
+) -> None:
+    blocks, inv_rms = _contiguous(blocks), _contiguous(inv_rms)
+    J, D = weight.shape
+    partial = weight.new_zeros((torch.get_num_threads(), J, D))  # per thread: its tokens' part of the weight gradient
+    weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
+    m, grad_l, grad_o = m.contiguous(), grad_l.contiguous(), grad_o.contiguous()
+    _launch(_PHASE_ONE_BACKWARD, blocks[0].dtype, len(blocks), m.numel() // J, D, J, weight, bias, m, grad_l, grad_o,
+            partial, blocks, inv_rms, grad_blocks, grad_rms)  # fmt: skip
+    torch.sum(partial, 0, out=grad_weight)
+
+
+# Operators, so that a compiled graph calls the kernel as one opaque node (the low-level registration: a custom_op's
+# Python layers cost more than the kernel itself at decode sizes). They write into outputs their callers allocate:
+# in a compiled graph those are Inductor's buffers, which its memory planning reuses, where outputs allocated by the
+# operator would be fresh memory at every call (page faults on first touch cost as much as the kernel).
+_LIBRARY = torch.library.Library("attnres_fx", "FRAGMENT")
+_LIBRARY.define(
+    "cpu_phase_one(Tensor weight, Tensor? bias, Tensor[] blocks, Tensor[] inv_rms, Tensor(a!) m, Tensor(b!) l, "
+    "Tensor(c!) o) -> ()"
+)
+_LIBRARY.define(
+    "cpu_phase_one_backward(Tensor weight, Tensor? bias, Tensor m, Tensor[] blocks, Tensor[] inv_rms, "
+    "Tensor grad_l, Tensor grad_o, Tensor(a!) grad_weight, Tensor(b!)[] grad_blocks, Tensor(c!)[] grad_rms) -> ()"
+)
+_LIBRARY.impl("cpu_phase_one", _phase_one, "CPU")
+_LIBRARY.impl("cpu_phase_one_backward", _phase_one_backward, "CPU")
+torch.library.register_fake("attnres_fx::cpu_phase_one")(lambda *args: None)
+torch.library.register_fake("attnres_fx::cpu_phase_one_backward")(lambda *args: None)
+
+
+def phase_one(weight: Tensor, bias: Tensor | None, blocks: list[Tensor], inv_rms: list[Tensor]) -> list[Tensor]:
+    """[m, l, o]: phase 1's statistics of the J sublayers (rows of `weight`) over `blocks` (see `ops.py`)."""
+    m, l, o = _stats_like(weight, blocks[0])
+    torch.ops.attnres_fx.cpu_phase_one(weight, bias, blocks, inv_rms, m, l, o)
+    return [m, l, o]
+
+
+def phase_one_backward(
+    weight: Tensor, bias: Tensor | None, m: Tensor, blocks: list[Tensor], inv_rms: list[Tensor], grad_l: Tensor,
+    grad_o: Tensor,
+) -> list[Tensor]:  # fmt: skip
+    """[grad weight, *grad blocks, *grad inverse RMS] of phase 1."""
+    grad_blocks = [b.new_empty(b.shape) for b in blocks]  # contiguous, whatever the blocks' strides
+    grad_rms = [r.new_empty(r.shape) for r in inv_rms]
+    grad_weight = torch.empty_like(weight)
+    torch.ops.attnres_fx.cpu_phase_one_backward(weight, bias, m, blocks, inv_rms, grad_l, grad_o, grad_weight,
+                                                grad_blocks, grad_rms)  # fmt: skip
+    return [grad_weight, *grad_blocks, *grad_rms]
+
+
+def _statistics(m: Tensor, l: Tensor) -> tuple[Tensor, Tensor]:
+    """A sublayer's (m, l) as flat token rows of one stride (views of the block's statistics where they can be)."""
+    m, l = m.reshape(-1), l.reshape(-1)
+    return (m, l) if m.stride() == l.stride() else (m.contiguous(), l.contiguous())
+
+
+def merge(m: Tensor, l: Tensor, o: Tensor, partial: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Phase 2 (eager only: compiled, Inductor fuses the torch code with the norm that reads the result): sublayer k's
+    phase-1 row (m, l [...], o [..., d], strided views of the block's statistics) merged with the partial sum."""
+    d = partial.shape[-1]
+    (m, l), o, p = _statistics(m, l), o.reshape(-1, d), partial.contiguous()
+    o = o if o.stride(1) == 1 else o.contiguous()
+    out = torch.empty_like(p)
+    _launch(_MERGE, p.dtype, p.numel() // d, d, m.stride(0), m, l, p, weight, o.stride(0), o, out, eps=eps)
+    return out
+
+
+def merge_backward(
+    m: Tensor, l: Tensor, partial: Tensor, weight: Tensor, out: Tensor, grad_out: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The merge's gradients: (l [...], o [..., d], partial [..., d]) and weight-gradient coefficients [...]."""
+    d = partial.shape[-1]
+    p, h, g = partial.contiguous(), out.contiguous(), grad_out.contiguous()
+    m, l = _statistics(m, l)
+    grad_l, coef = m.new_empty(m.shape[0]), m.new_empty(m.shape[0])
+    grad_o, grad_p = torch.empty_like(p), torch.empty_like(p)
+    _launch(_MERGE_BACKWARD, p.dtype, p.numel() // d, d, m.stride(0), m, l, p, weight, h, g, grad_l, grad_o, grad_p,
+            coef, eps=eps)  # fmt: skip
+    lead = partial.shape[:-1]
+    return grad_l.reshape(lead), grad_o, grad_p, coef.reshape(lead)
