@@ -82,6 +82,9 @@ def main() -> None:
     if args.first_step_of:
         from torch._dynamo.utils import counters
 
+        from attnres_fx.bench.worker import check_vector_isa
+
+        check_vector_isa("cpu")
         seconds = Runner(args.first_step_of, args.layers, args.batch, args.seq).step()
         print(json.dumps({"first_step_s": seconds, "graphs": counters["stats"]["unique_graphs"]}))
         return

@@ -27,12 +27,14 @@ import torch
 from tabulate import tabulate
 
 import attnres_fx
+from attnres_fx.bench.worker import check_vector_isa
 from attnres_fx.demo.model import Transformer
 
 from .models import HandWrittenAttnRes
 
 CONFIGS = {
     "tiny": dict(d=64, layers=2, heads=4, vocab=256, batch=2, seq=32),
+    "demo": dict(d=64, layers=12, heads=4, vocab=256, batch=8, seq=64),  # the demo's model and batch (eager training)
     "small": dict(d=256, layers=8, heads=4, vocab=1024, batch=2, seq=256),
     "medium": dict(d=768, layers=12, heads=12, vocab=8192, batch=2, seq=512),
     "large": dict(d=2048, layers=24, heads=16, vocab=32000, batch=4, seq=2048),
@@ -240,6 +242,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     if args.first_step_of:
+        check_vector_isa(args.device)
         print(Runner(args.first_step_of, True, CONFIGS[args.config], args.device, dtype).train_step())
         return
     report = run(args.config, args.device, dtype, args.rounds, args.variants.split(","), not args.no_eager)
