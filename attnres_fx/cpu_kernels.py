@@ -411,24 +411,26 @@ torch.library.register_fake("attnres_fx::cpu_phase_one")(lambda *args: None)
 torch.library.register_fake("attnres_fx::cpu_phase_one_backward")(lambda *args: None)
 
 
-def phase_one(weight: Tensor, bias: Tensor | None, blocks: list[Tensor], inv_rms: list[Tensor]) -> list[Tensor]:
-    """[m, l, o]: phase 1's statistics of the J sublayers (rows of `weight`) over `blocks` (see `ops.py`)."""
+def phase_one(
+    weight: Tensor, bias: Tensor | None, blocks: list[Tensor], inv_rms: list[Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(m, l, o): phase 1's statistics of the J sublayers (rows of `weight`) over `blocks` (see `ops.py`)."""
     m, l, o = _stats_like(weight, blocks[0])
     torch.ops.attnres_fx.cpu_phase_one(weight, bias, blocks, inv_rms, m, l, o)
-    return [m, l, o]
+    return m, l, o
 
 
 def phase_one_backward(
     weight: Tensor, bias: Tensor | None, m: Tensor, blocks: list[Tensor], inv_rms: list[Tensor], grad_l: Tensor,
     grad_o: Tensor,
-) -> list[Tensor]:  # fmt: skip
-    """[grad weight, *grad blocks, *grad inverse RMS] of phase 1."""
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:  # fmt: skip
+    """Phase 1's gradients: (weight, each block, each inverse RMS)."""
     grad_blocks = [b.new_empty(b.shape) for b in blocks]  # contiguous, whatever the blocks' strides
     grad_rms = [r.new_empty(r.shape) for r in inv_rms]
     grad_weight = torch.empty_like(weight)
     torch.ops.attnres_fx.cpu_phase_one_backward(weight, bias, m, blocks, inv_rms, grad_l, grad_o, grad_weight,
                                                 grad_blocks, grad_rms)  # fmt: skip
-    return [grad_weight, *grad_blocks, *grad_rms]
+    return grad_weight, grad_blocks, grad_rms
 
 
 def _statistics(m: Tensor, l: Tensor) -> tuple[Tensor, Tensor]:

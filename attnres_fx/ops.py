@@ -170,8 +170,7 @@ def _phase_one(
     if _on_kernels(blocks[0]):
         return _kernels.phase_one(weight, list(blocks), list(inv_rms), bias)
     if cpu_kernel and cpu_kernels.handles(*blocks):
-        m, l, o = cpu_kernels.phase_one(weight, bias, list(blocks), list(inv_rms))
-        return m, l, o
+        return cpu_kernels.phase_one(weight, bias, list(blocks), list(inv_rms))
     values = [b.float() for b in blocks]
     logits = [_keys_dot(v, weight) * r + _bias(bias, i) for i, (v, r) in enumerate(zip(values, inv_rms))]
     m = functools.reduce(torch.maximum, logits)
@@ -197,9 +196,7 @@ def _phase_one_grads(
         grad_weight = functools.reduce(torch.add, (_weight_grad(c, b) for c, b in zip(coef, blocks)))
         return grad_weight, grad_blocks, grad_rms
     if cpu_kernels.handles(*blocks):
-        n = len(blocks)
-        grads = cpu_kernels.phase_one_backward(weight, bias, m, list(blocks), list(inv_rms), grad_l, grad_o)
-        return grads[0], grads[1 : n + 1], grads[n + 1 :]
+        return cpu_kernels.phase_one_backward(weight, bias, m, list(blocks), list(inv_rms), grad_l, grad_o)
     grads = [
         _source_grads(b, r, _bias(bias, i), weight, m, grad_l, grad_o) for i, (b, r) in enumerate(zip(blocks, inv_rms))
     ]
