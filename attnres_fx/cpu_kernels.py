@@ -21,6 +21,7 @@ per dtype that is used (about 1 s each once Inductor has checked the machine's v
 
 from __future__ import annotations
 
+import array
 import warnings
 from collections.abc import Callable
 
@@ -69,11 +70,11 @@ static inline void exp_shifted(float* x, const float* shift, int64_t n) {
     }
 }
 
-// Phase 1 per token t: m[t, j], l[t, j] and o[t, j, :] over the n blocks for each of the J weights: the logits of all
-// blocks, their exponentials, then the weighted sums, four sublayers at a time over one read of each block's chunk.
+// Phase 1 per token t: m[t, j], l[t, j] and row j's o[t, :] over the n blocks for each of the J weights: the logits of
+// all blocks, their exponentials, then the weighted sums, all sublayers over one read of each block's chunk.
 template <typename T>
 static void forward(const float* w, const float* bias, const int64_t* blocks, const int64_t* rms, int64_t n,
-                    int64_t M, int64_t D, int64_t J, float* m_out, float* l_out, T* o_out, int64_t threads) {
+                    int64_t M, int64_t D, int64_t J, float* m_out, float* l_out, const int64_t* rows, int64_t threads) {
     std::vector<int64_t> live;  // the slots that hold a block (not a placeholder)
     for (int64_t i = 0; i < n; ++i)
         if (!bias || bias[i] != -INFINITY) live.push_back(i);
@@ -110,10 +111,10 @@ static void forward(const float* w, const float* bias, const int64_t* blocks, co
                         (a == 0 ? va * e : at::vec::fmadd(va, e, Vec::loadu(oj, c))).store(oj, c);
                     }
                 }
-            for (int64_t k = 0; k < J * D; k += W) {
-                int64_t c = lanes(k, J * D);
-                store(Vec::loadu(o.data() + k, c), o_out + t * J * D + k, c);
-            }
+            for (int64_t j = 0; j < J; ++j)
+                for (int64_t k = 0; k < D; k += W)
+                    store(Vec::loadu(o.data() + j * D + k, lanes(k, D)), reinterpret_cast<T*>(rows[j]) + t * D + k,
+                          lanes(k, D));
         }
     }
 }
@@ -122,15 +123,16 @@ static void forward(const float* w, const float* bias, const int64_t* blocks, co
 // weights' gradient (summed over the threads afterwards).
 template <typename T>
 static void backward(const float* w, const float* bias, const int64_t* blocks, const int64_t* rms, int64_t n,
-                     int64_t M, int64_t D, int64_t J, const float* m, const float* grad_l, const T* grad_o,
+                     int64_t M, int64_t D, int64_t J, const float* m, const float* grad_l, const int64_t* grad_rows,
                      const int64_t* grad_blocks, const int64_t* grad_rms, float* grad_w, int64_t threads) {
     #pragma omp parallel num_threads(threads)
     {
         std::vector<float> z(J), e(J), shift(J), gxr(J);
+        std::vector<const T*> go(J);  // the token's gradient of each row
         float* gw = grad_w + omp_get_thread_num() * J * D;
         #pragma omp for schedule(static)
         for (int64_t t = 0; t < M; ++t) {
-            const T* go = grad_o + t * J * D;
+            for (int64_t j = 0; j < J; ++j) go[j] = reinterpret_cast<const T*>(grad_rows[j]) + t * D;
             for (int64_t i = 0; i < n; ++i) {
                 T* grad_v = reinterpret_cast<T*>(grad_blocks[i]) + t * D;
                 float* grad_r = reinterpret_cast<float*>(grad_rms[i]) + t;
@@ -149,7 +151,7 @@ static void backward(const float* w, const float* bias, const int64_t* blocks, c
                 }
                 exp_shifted(e.data(), shift.data(), J);
                 for (int64_t j = 0; j < J; ++j) {
-                    float gx = (grad_l[t * J + j] + dot(v, go + j * D, D)) * e[j];
+                    float gx = (grad_l[t * J + j] + dot(v, go[j], D)) * e[j];
                     gxr[j] = gx * r;
                     gr += gx * z[j];
                 }
@@ -157,7 +159,7 @@ static void backward(const float* w, const float* bias, const int64_t* blocks, c
                     int64_t c = lanes(k, D);
                     Vec vk = load(v + k, c), g(0.f);
                     for (int64_t j = 0; j < J; ++j) {
-                        g = at::vec::fmadd(load(go + j * D + k, c), Vec(e[j]), g);
+                        g = at::vec::fmadd(load(go[j] + k, c), Vec(e[j]), g);
                         g = at::vec::fmadd(Vec::loadu(w + j * D + k, c), Vec(gxr[j]), g);
                         float* gwj = gw + j * D + k;
                         at::vec::fmadd(vk, Vec(gxr[j]), Vec::loadu(gwj, c)).store(gwj, c);
@@ -259,19 +261,20 @@ static void run(int64_t op, Args a, float eps, int64_t threads) {
         const float* w = a.ptr<const float>();
         const float* bias = a.ptr<const float>();
         float* m = a.ptr<float>();
-        if (op == 0) {  // l, o, blocks, inverse RMS
+        if (op == 0) {  // l, the J rows of o, blocks, inverse RMS
             float* l = a.ptr<float>();
-            T* o = a.ptr<T>();
+            const int64_t* rows = a.list(J);
             const int64_t* blocks = a.list(n);
-            forward<T>(w, bias, blocks, a.list(n), n, M, D, J, m, l, o, threads);
-        } else {  // grad_l, grad_o, grad_w (per thread), blocks, inverse RMS, their gradients
+            forward<T>(w, bias, blocks, a.list(n), n, M, D, J, m, l, rows, threads);
+        } else {  // grad_l, grad_w (per thread), the rows' gradients, blocks, inverse RMS, their gradients
             const float* grad_l = a.ptr<const float>();
-            const T* grad_o = a.ptr<const T>();
             float* grad_w = a.ptr<float>();
+            const int64_t* grad_rows = a.list(J);
             const int64_t* blocks = a.list(n);
             const int64_t* rms = a.list(n);
             const int64_t* grad_blocks = a.list(n);
-            backward<T>(w, bias, blocks, rms, n, M, D, J, m, grad_l, grad_o, grad_blocks, a.list(n), grad_w, threads);
+            backward<T>(w, bias, blocks, rms, n, M, D, J, m, grad_l, grad_rows, grad_blocks, a.list(n), grad_w,
+                        threads);
         }
     } else {  // merge: M, D, token stride of m and l, m, l, partial, weight, then per op below
         int64_t M = a.num(), D = a.num(), ms = a.num();
@@ -299,11 +302,11 @@ static void run(int64_t op, Args a, float eps, int64_t threads) {
 # The entry point, built once per dtype (the model's: a build for all three would take ten times as long).
 _ENTRY = """
 // op 0: phase 1, 1: its backward, 2: the merge, 3: its backward.
-extern "C" void kernel(int64_t op, const int64_t* args, float eps, int64_t threads) {
-    run<%s>(op, Args{args}, eps, threads);
+extern "C" void kernel(int64_t op, uintptr_t args, float eps, int64_t threads) {
+    run<%s>(op, Args{reinterpret_cast<const int64_t*>(args)}, eps, threads);
 }
 """
-_ARGTYPES = ["int64_t", "const int64_t*", "float", "int64_t"]
+_ARGTYPES = ["int64_t", "uintptr_t", "float", "int64_t"]  # the arguments' array by address
 _PHASE_ONE, _PHASE_ONE_BACKWARD, _MERGE, _MERGE_BACKWARD = range(4)
 
 _kernels: dict[torch.dtype, Callable[..., None]] = {}
@@ -331,14 +334,15 @@ def handles(*tensors: Tensor) -> bool:
     one; mixed dtypes, as autocast makes them, are left to torch ops). While a compile traces, where the toolchain has
     built the kernel for some dtype: the operator builds the one it needs when it runs."""
     dtype = tensors[0].dtype
-    if dtype not in _DTYPES or any(t.device.type != "cpu" or t.dtype != dtype for t in tensors):
+    if dtype not in _DTYPES or not all(t.is_cpu and t.dtype == dtype for t in tensors):
         return False
     return bool(_kernels) if torch.compiler.is_compiling() else build(dtype)
 
 
 def _launch(op: int, dtype: torch.dtype, *args: int | Tensor | None | list[Tensor], eps: float = 0.0) -> None:
     """Run `op` on `args` as the C++ code reads them (sizes as they are, tensors (contiguous, or strided as the op
-    says) and None (0) by address, lists of tensors address by address), on torch's threads."""
+    says) and None (0) by address, lists of tensors address by address), on torch's threads. The arguments go as one
+    int64 array (a Python `array`: a tensor made from the list costs more than the kernel at decode sizes)."""
     flat: list[int] = []
     for arg in args:
         if isinstance(arg, list):
@@ -347,27 +351,22 @@ def _launch(op: int, dtype: torch.dtype, *args: int | Tensor | None | list[Tenso
             flat.append(arg.data_ptr() if isinstance(arg, Tensor) else arg or 0)
     if not build(dtype):
         raise RuntimeError("attnres_fx: the CPU depth-attention kernel could not be built (see the warning above).")
-    _kernels[dtype](op, torch.tensor(flat, dtype=torch.int64), eps, torch.get_num_threads())
+    packed = array.array("q", flat)
+    _kernels[dtype](op, packed.buffer_info()[0], eps, torch.get_num_threads())
 
 
 def _contiguous(tensors: list[Tensor]) -> list[Tensor]:
     return [t.contiguous() for t in tensors]
 
 
-def _stats_like(weight: Tensor, first: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Empty (m, l, o) for J = weight rows over blocks like `first`."""
-    J, D = weight.shape
-    m = first.new_empty((*first.shape[:-1], J), dtype=torch.float32)
-    return m, torch.empty_like(m), first.new_empty((*first.shape[:-1], J, D))
-
-
 def _phase_one(
-    weight: Tensor, bias: Tensor | None, blocks: list[Tensor], inv_rms: list[Tensor], m: Tensor, l: Tensor, o: Tensor
-) -> None:
+    weight: Tensor, bias: Tensor | None, blocks: list[Tensor], inv_rms: list[Tensor], m: Tensor, l: Tensor,
+    rows: list[Tensor],
+) -> None:  # fmt: skip
     J, D = weight.shape
     weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
     blocks, inv_rms = _contiguous(blocks), _contiguous(inv_rms)
-    _launch(_PHASE_ONE, o.dtype, len(blocks), m.numel() // J, D, J, weight, bias, m, l, o, blocks, inv_rms)
+    _launch(_PHASE_ONE, blocks[0].dtype, len(blocks), m.numel() // J, D, J, weight, bias, m, l, rows, blocks, inv_rms)
 
 
 def _phase_one_backward(
@@ -377,7 +376,7 @@ def _phase_one_backward(
     blocks: list[Tensor],
     inv_rms: list[Tensor],
     grad_l: Tensor,
-    grad_o: Tensor,
+    grad_rows: list[Tensor],
     grad_weight: Tensor,
     grad_blocks: list[Tensor],
     grad_rms: list[Tensor],
@@ -386,9 +385,9 @@ def _phase_one_backward(
     J, D = weight.shape
     partial = weight.new_zeros((torch.get_num_threads(), J, D))  # per thread: its tokens' part of the weight gradient
     weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
-    m, grad_l, grad_o = m.contiguous(), grad_l.contiguous(), grad_o.contiguous()
-    _launch(_PHASE_ONE_BACKWARD, blocks[0].dtype, len(blocks), m.numel() // J, D, J, weight, bias, m, grad_l, grad_o,
-            partial, blocks, inv_rms, grad_blocks, grad_rms)  # fmt: skip
+    m, grad_l, grad_rows = m.contiguous(), grad_l.contiguous(), _contiguous(grad_rows)
+    _launch(_PHASE_ONE_BACKWARD, blocks[0].dtype, len(blocks), m.numel() // J, D, J, weight, bias, m, grad_l, partial,
+            grad_rows, blocks, inv_rms, grad_blocks, grad_rms)  # fmt: skip
     torch.sum(partial, 0, out=grad_weight)
 
 
@@ -399,11 +398,11 @@ def _phase_one_backward(
 _LIBRARY = torch.library.Library("attnres_fx", "FRAGMENT")
 _LIBRARY.define(
     "cpu_phase_one(Tensor weight, Tensor? bias, Tensor[] blocks, Tensor[] inv_rms, Tensor(a!) m, Tensor(b!) l, "
-    "Tensor(c!) o) -> ()"
+    "Tensor(c!)[] rows) -> ()"
 )
 _LIBRARY.define(
     "cpu_phase_one_backward(Tensor weight, Tensor? bias, Tensor m, Tensor[] blocks, Tensor[] inv_rms, "
-    "Tensor grad_l, Tensor grad_o, Tensor(a!) grad_weight, Tensor(b!)[] grad_blocks, Tensor(c!)[] grad_rms) -> ()"
+    "Tensor grad_l, Tensor[] grad_rows, Tensor(a!) grad_weight, Tensor(b!)[] grad_blocks, Tensor(c!)[] grad_rms) -> ()"
 )
 _LIBRARY.impl("cpu_phase_one", _phase_one, "CPU")
 _LIBRARY.impl("cpu_phase_one_backward", _phase_one_backward, "CPU")
@@ -413,24 +412,32 @@ torch.library.register_fake("attnres_fx::cpu_phase_one_backward")(lambda *args: 
 
 def phase_one(
     weight: Tensor, bias: Tensor | None, blocks: list[Tensor], inv_rms: list[Tensor]
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(m, l, o): phase 1's statistics of the J sublayers (rows of `weight`) over `blocks` (see `ops.py`)."""
-    m, l, o = _stats_like(weight, blocks[0])
-    torch.ops.attnres_fx.cpu_phase_one(weight, bias, blocks, inv_rms, m, l, o)
-    return m, l, o
+) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    """(m, l, rows): phase 1's statistics of the J sublayers (rows of `weight`) over `blocks` (see `ops.py`)."""
+    first = blocks[0]
+    m = first.new_empty((*first.shape[:-1], weight.shape[0]), dtype=torch.float32)
+    l, rows = torch.empty_like(m), [first.new_empty(first.shape) for _ in range(weight.shape[0])]
+    (torch.ops.attnres_fx.cpu_phase_one if _traced() else _phase_one)(weight, bias, blocks, inv_rms, m, l, rows)
+    return m, l, tuple(rows)
 
 
 def phase_one_backward(
     weight: Tensor, bias: Tensor | None, m: Tensor, blocks: list[Tensor], inv_rms: list[Tensor], grad_l: Tensor,
-    grad_o: Tensor,
+    grad_rows: list[Tensor],
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:  # fmt: skip
     """Phase 1's gradients: (weight, each block, each inverse RMS)."""
     grad_blocks = [b.new_empty(b.shape) for b in blocks]  # contiguous, whatever the blocks' strides
     grad_rms = [r.new_empty(r.shape) for r in inv_rms]
     grad_weight = torch.empty_like(weight)
-    torch.ops.attnres_fx.cpu_phase_one_backward(weight, bias, m, blocks, inv_rms, grad_l, grad_o, grad_weight,
-                                                grad_blocks, grad_rms)  # fmt: skip
+    op = torch.ops.attnres_fx.cpu_phase_one_backward if _traced() else _phase_one_backward
+    op(weight, bias, m, blocks, inv_rms, grad_l, grad_rows, grad_weight, grad_blocks, grad_rms)
     return grad_weight, grad_blocks, grad_rms
+
+
+def _traced() -> bool:
+    """Whether a compiler or a tracing mode (fake tensors, `make_fx`) sees this call: it must see the operator. Else
+    the operator's implementation is called directly (the dispatcher's way into Python costs 10 us a call)."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
 
 
 def _statistics(m: Tensor, l: Tensor) -> tuple[Tensor, Tensor]:

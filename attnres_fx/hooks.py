@@ -302,8 +302,8 @@ class DepthRuntime:
     def _attend(self, call: _LayerCall, offset: int, partial: Tensor | None) -> Tensor:
         program, depth = call.program, call.depth
         eps = program.eps[offset - 1]
-        query, key_weight = site_weights(call.params[offset - 1])
         if not self._uses_two_phase():
+            query, key_weight = site_weights(call.params[offset - 1])
             blocks, _, bias = depth.sources()
             if partial is not None:
                 blocks.append(partial)
@@ -316,7 +316,7 @@ class DepthRuntime:
         k = scores.positions.index(position)
         if partial is None:
             return ops.completed_only(scores.stats, k, depth.blocks[-1])
-        return ops.merge_partial(scores.stats, k, partial, query, key_weight, eps)
+        return ops.merge_partial(scores.stats, k, partial, eps)
 
     def _score(
         self, depth: DepthState, program: LayerProgram, params: tuple[SiteParameters, ...], offset: int

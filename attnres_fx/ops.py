@@ -13,6 +13,7 @@ import importlib.util
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -97,8 +98,17 @@ def recording() -> Iterator[list[SiteRecord]]:
 # of a write and a read of the mix, which an opaque kernel would cost). Everywhere else (other
 # dtypes, no triton or no C++ compiler) the torch code below computes.
 
-# running max [..., J] and sum of exp [..., J] in fp32; weighted sum [..., J, d] in the blocks' dtype
-BlockStats = tuple[Tensor, Tensor, Tensor]
+class BlockStats(NamedTuple):
+    """Phase 1 of a block's J sublayers over its completed blocks."""
+
+    m: Tensor  # [..., J] the running max of the logits, fp32 (no gradient: the result does not depend on it)
+    l: Tensor  # [..., J] the sum of the exponentials, fp32
+    # per sublayer its weighted sum [..., d], in the blocks' dtype: a tensor of its own, so that its gradient is too
+    # (slices of one [..., J, d] tensor would each get a full-size zero-filled gradient, summed by autograd)
+    rows: tuple[Tensor, ...]
+    weight: Tensor  # [J, d] q * g per sublayer, fp32: the merge scores the partial sum with it too
+
+
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -115,14 +125,14 @@ def block_scores(
     if not torch.is_grad_enabled():  # nothing to keep; and Dynamo (2.14) mis-binds the inputs of a Function with
         # *args when grad mode is off. Compiled without a backward (inference, decoding), Inductor's code for phase 1
         # fuses with its readers and is faster than the C++ operator, whose point is a backward compiled once.
-        return _phase_one(weight, bias, blocks, inv_rms, cpu_kernel=not torch.compiler.is_compiling())
-    return _BlockScores.apply(weight, bias, *blocks, *inv_rms)
+        return BlockStats(*_phase_one(weight, bias, blocks, inv_rms, not torch.compiler.is_compiling()), weight)
+    m, l, *rows = _BlockScores.apply(weight, bias, *blocks, *inv_rms)
+    return BlockStats(m, l, tuple(rows), weight)
 
 
-def merge_partial(stats: BlockStats, k: int, partial: Tensor, query: Tensor, key_weight: Tensor, eps: float) -> Tensor:
+def merge_partial(stats: BlockStats, k: int, partial: Tensor, eps: float) -> Tensor:
     """Phase 2: add the partial sum as one more source to sublayer k's phase-1 result (online softmax)."""
-    m, l, o = stats[0][..., k], stats[1][..., k], stats[2][..., k, :]
-    weight = query.float() * key_weight.float()
+    m, l, o, weight = stats.m[..., k], stats.l[..., k], stats.rows[k], stats.weight[k]
     if not torch.is_grad_enabled():  # decoding: nothing to keep, and a Function call costs more than the merge
         return _merge(m, l, o, partial, weight, eps)
     return _Merge.apply(m, l, o, partial, weight, eps)
@@ -131,8 +141,8 @@ def merge_partial(stats: BlockStats, k: int, partial: Tensor, query: Tensor, key
 def completed_only(stats: BlockStats, k: int, like: Tensor) -> Tensor:
     """Phase 2 for a block's first sublayer: no partial sum yet, phase 1 is the whole answer."""
     if not torch.is_grad_enabled():
-        return _normalize(stats[1][..., k], stats[2][..., k, :], like.dtype)
-    return _Normalize.apply(stats[1][..., k], stats[2][..., k, :], like.dtype)
+        return _normalize(stats.l[..., k], stats.rows[k], like.dtype)
+    return _Normalize.apply(stats.l[..., k], stats.rows[k], like.dtype)
 
 
 def _on_kernels(x: Tensor) -> bool:
@@ -164,11 +174,12 @@ def _weight_grad(grad_logits: Tensor, values: Tensor) -> Tensor:
 
 def _phase_one(
     weight: Tensor, bias: Tensor | None, blocks: Sequence[Tensor], inv_rms: Sequence[Tensor], cpu_kernel: bool = True
-) -> BlockStats:
+) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
     """Phase 1's forward: logits per completed block, then the online statistics over all of them (on CPU tensors by
-    the C++ kernel, unless `cpu_kernel` is False)."""
+    the C++ kernel, unless `cpu_kernel` is False); (m, l, the weighted sum of each sublayer)."""
     if _on_kernels(blocks[0]):
-        return _kernels.phase_one(weight, list(blocks), list(inv_rms), bias)
+        m, l, o = _kernels.phase_one(weight, list(blocks), list(inv_rms), bias)
+        return m, l, o.unbind(-2)
     if cpu_kernel and cpu_kernels.handles(*blocks):
         return cpu_kernels.phase_one(weight, bias, list(blocks), list(inv_rms))
     values = [b.float() for b in blocks]
@@ -176,7 +187,7 @@ def _phase_one(
     m = functools.reduce(torch.maximum, logits)
     exps = [torch.exp(x - m) for x in logits]
     weighted = functools.reduce(torch.add, (e.unsqueeze(-1) * v.unsqueeze(-2) for e, v in zip(exps, values)))
-    return m, functools.reduce(torch.add, exps), weighted.to(blocks[0].dtype)
+    return m, functools.reduce(torch.add, exps), weighted.to(blocks[0].dtype).unbind(-2)
 
 
 def _phase_one_grads(
@@ -186,17 +197,18 @@ def _phase_one_grads(
     blocks: Sequence[Tensor],
     inv_rms: Sequence[Tensor],
     grad_l: Tensor,
-    grad_o: Tensor,
+    grad_rows: Sequence[Tensor],
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """Phase 1's backward: gradients of (weight, each block, each inverse RMS)."""
+    """Phase 1's backward: gradients of (weight, each block, each inverse RMS), given those of (l, each row)."""
+    if cpu_kernels.handles(*blocks):
+        return cpu_kernels.phase_one_backward(weight, bias, m, list(blocks), list(inv_rms), grad_l, list(grad_rows))
+    grad_o = torch.stack(grad_rows, -2)
     if _on_kernels(blocks[0]):
         grad_blocks, grad_rms, coef = _kernels.phase_one_backward(
             weight, m, list(blocks), list(inv_rms), grad_l, grad_o, bias
         )
         grad_weight = functools.reduce(torch.add, (_weight_grad(c, b) for c, b in zip(coef, blocks)))
         return grad_weight, grad_blocks, grad_rms
-    if cpu_kernels.handles(*blocks):
-        return cpu_kernels.phase_one_backward(weight, bias, m, list(blocks), list(inv_rms), grad_l, grad_o)
     grads = [
         _source_grads(b, r, _bias(bias, i), weight, m, grad_l, grad_o) for i, (b, r) in enumerate(zip(blocks, inv_rms))
     ]
@@ -208,26 +220,26 @@ def _bias(bias: Tensor | None, i: int) -> Tensor | float:
 
 
 class _BlockScores(torch.autograd.Function):
-    """Phase 1. Inputs (weight [J, d], bias [blocks] or None, *blocks, *inv_rms); outputs BlockStats."""
+    """Phase 1. Inputs (weight [J, d], bias [blocks] or None, *blocks, *inv_rms); outputs (m, l, *rows of o)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx, weight: Tensor, bias: Tensor | None, *blocks_and_rms: Tensor
-    ) -> BlockStats:
+    ) -> tuple[Tensor, ...]:
         n = len(blocks_and_rms) // 2
-        stats = _phase_one(weight, bias, blocks_and_rms[:n], blocks_and_rms[n:])
-        ctx.save_for_backward(weight, bias, stats[0], *blocks_and_rms)
-        ctx.mark_non_differentiable(stats[0])
-        return stats
+        m, l, rows = _phase_one(weight, bias, blocks_and_rms[:n], blocks_and_rms[n:])
+        ctx.save_for_backward(weight, bias, m, *blocks_and_rms)
+        ctx.mark_non_differentiable(m)
+        return m, l, *rows
 
     @staticmethod
     def backward(  # type: ignore[override]
-        ctx, _grad_m: Tensor, grad_l: Tensor, grad_o: Tensor
+        ctx, _grad_m: Tensor, grad_l: Tensor, *grad_rows: Tensor
     ) -> tuple[Tensor | None, ...]:
         weight, bias, m, *blocks_and_rms = ctx.saved_tensors
         n = len(blocks_and_rms) // 2
         grad_weight, grad_blocks, grad_rms = _phase_one_grads(
-            weight, bias, m, blocks_and_rms[:n], blocks_and_rms[n:], grad_l, grad_o
+            weight, bias, m, blocks_and_rms[:n], blocks_and_rms[n:], grad_l, grad_rows
         )
         return grad_weight, None, *grad_blocks, *grad_rms
 

@@ -101,8 +101,9 @@ def find(x: Tensor, key: str) -> Any:
 
 def tracked(value: Tensor, like: Tensor) -> Tensor:
     """A view of `value` that autograd tracks as it tracks `like` (it requires grad, with a node of its own that a
-    copy keeps), and that passes no gradient back: placeholders, and the zeros a layer that opens a block is handed."""
-    return _Tracked.apply(value, like)
+    copy keeps), and that passes no gradient back: placeholders, and the zeros a layer that opens a block is handed.
+    Without autograd (inference, decoding), `value` itself."""
+    return _Tracked.apply(value, like) if torch.is_grad_enabled() else value
 
 
 class _Tracked(torch.autograd.Function):

@@ -57,7 +57,7 @@ def two_phase_block(blocks, inv_rms, queries, key_weights, partials):
     stats = ops.block_scores(blocks, inv_rms, queries, key_weights)
     outs = [ops.completed_only(stats, 0, blocks[0])]
     for k, p in enumerate(partials, start=1):
-        outs.append(ops.merge_partial(stats, k, p, queries[k], key_weights[k], EPS))
+        outs.append(ops.merge_partial(stats, k, p, EPS))
     return outs
 
 

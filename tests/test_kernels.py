@@ -9,6 +9,7 @@ runs the same two-phase block twice, once on the kernels and once on the torch c
 import pytest
 import torch
 import zoo
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnres_fx
 from attnres_fx import cpu_kernels, kernels, ops
@@ -81,7 +82,7 @@ def two_phase_block(blocks, partials, queries, key_weights, cotangents, empty=0)
     bias = torch.tensor([float("-inf")] * empty + [0.0] * len(blocks), device=blocks[0].device) if empty else None
     stats = ops.block_scores(slots, inv_rms, queries, key_weights, bias)
     outs = [ops.completed_only(stats, 0, blocks[0])]
-    outs += [ops.merge_partial(stats, k, p, queries[k], key_weights[k], EPS) for k, p in enumerate(partials, 1)]
+    outs += [ops.merge_partial(stats, k, p, EPS) for k, p in enumerate(partials, 1)]
     leaves = [*blocks, *partials, *queries, *key_weights]
     loss = sum((o.float() * c).sum() for o, c in zip(outs, cotangents))
     return [o.detach() for o in outs], torch.autograd.grad(loss, leaves)
@@ -221,3 +222,33 @@ def test_sources_of_mixed_dtypes_as_under_autocast() -> None:
         assert err(out, ref) < 1e-5
     for grad, ref in zip(grads, ref_grads, strict=True):
         assert err(grad, ref) < 1e-5
+
+
+class _SelectBackwardShapes(TorchDispatchMode):
+    """Records the shape of every gradient that `select_backward` builds (a zero-filled tensor of the sliced one's
+    shape, with the slice's gradient copied in)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.select_backward.default:
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, None], ids=[*FAMILIES, "torch"])
+def test_each_sublayer_row_of_phase_one_takes_its_gradient_alone(on_kernels, family) -> None:
+    """Phase 1 hands each sublayer its weighted sum as a tensor of its own, so the backward passes each sublayer's
+    gradient to phase 1 as it is: no [..., J, d] zero-filled gradient per sublayer, summed over the J of them (what
+    slices of one stacked tensor cost: J times the statistics' size in writes, per block)."""
+    lead, d, completed, sublayers = CASES["ragged-d96"]
+    on_kernels(family)
+    blocks, partials, queries, key_weights, cotangents = block_inputs(
+        lead, d, completed, sublayers, torch.float32, torch.float32, device_of(family)
+    )
+    with _SelectBackwardShapes() as seen:
+        two_phase_block(blocks, partials, queries, key_weights, cotangents)
+    assert (*lead, sublayers, d) not in seen.shapes
