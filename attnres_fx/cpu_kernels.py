@@ -70,8 +70,12 @@ static inline void exp_shifted(float* x, const float* shift, int64_t n) {
     }
 }
 
+// Rows of the weighted sums handled at once, their feature chunks held in registers across the blocks.
+constexpr int64_t G = 4;
+
 // Phase 1 per token t: m[t, j], l[t, j] and row j's o[t, :] over the n blocks for each of the J weights: the logits of
-// all blocks, their exponentials, then the weighted sums, all sublayers over one read of each block's chunk.
+// all blocks and their exponentials, then per feature chunk the weighted sums of G rows at a time, in registers over
+// the blocks (one read of each block's chunk per G rows, one write of each row's).
 template <typename T>
 static void forward(const float* w, const float* bias, const int64_t* blocks, const int64_t* rms, int64_t n,
                     int64_t M, int64_t D, int64_t J, float* m_out, float* l_out, const int64_t* rows, int64_t threads) {
@@ -81,8 +85,7 @@ static void forward(const float* w, const float* bias, const int64_t* blocks, co
     const int64_t N = live.size();
     #pragma omp parallel num_threads(threads)
     {
-        std::vector<float> x(J * N), top(J * N), o(J * D);  // x: per sublayer j, the logits of the N blocks, then
-                                                             // their weights; o: the token's weighted sums in fp32
+        std::vector<float> x(J * N), top(J * N);  // per row j, the logits of the N blocks, then their weights
         std::vector<const T*> v(N);
         #pragma omp for schedule(static)
         for (int64_t t = 0; t < M; ++t) {
@@ -100,21 +103,18 @@ static void forward(const float* w, const float* bias, const int64_t* blocks, co
             exp_shifted(x.data(), top.data(), J * N);
             for (int64_t j = 0; j < J; ++j)
                 l_out[t * J + j] = std::accumulate(x.begin() + j * N, x.begin() + (j + 1) * N, 0.f);
-            // o[j] += weight * block, block by block: the feature chunks are independent, so nothing waits
-            for (int64_t a = 0; a < N; ++a)
+            for (int64_t j0 = 0; j0 < J; j0 += G) {
+                const int64_t g = std::min(G, J - j0);
                 for (int64_t k = 0; k < D; k += W) {
-                    int64_t c = lanes(k, D);
-                    Vec va = load(v[a] + k, c);
-                    for (int64_t j = 0; j < J; ++j) {
-                        float* oj = o.data() + j * D + k;
-                        Vec e(x[j * N + a]);
-                        (a == 0 ? va * e : at::vec::fmadd(va, e, Vec::loadu(oj, c))).store(oj, c);
+                    const int64_t c = lanes(k, D);
+                    Vec acc[G] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
+                    for (int64_t a = 0; a < N; ++a) {
+                        Vec va = load(v[a] + k, c);
+                        for (int64_t u = 0; u < g; ++u) acc[u] = at::vec::fmadd(va, Vec(x[(j0 + u) * N + a]), acc[u]);
                     }
+                    for (int64_t u = 0; u < g; ++u) store(acc[u], reinterpret_cast<T*>(rows[j0 + u]) + t * D + k, c);
                 }
-            for (int64_t j = 0; j < J; ++j)
-                for (int64_t k = 0; k < D; k += W)
-                    store(Vec::loadu(o.data() + j * D + k, lanes(k, D)), reinterpret_cast<T*>(rows[j]) + t * D + k,
-                          lanes(k, D));
+            }
         }
     }
 }

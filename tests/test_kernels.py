@@ -22,6 +22,7 @@ CASES = {
     "one-block-one-sublayer": ((5,), 64, 1, 1),
     "full-attnres-many-blocks": ((3, 7), 40, kernels.MAX_BLOCKS + 3, 1),
     "two-launches-block-size-3": ((19,), 96, kernels.MAX_BLOCKS + 1, 3),
+    "block-of-six-sublayers": ((23,), 40, 4, 6),  # more rows than the C++ kernel holds in registers at once
 }
 
 
