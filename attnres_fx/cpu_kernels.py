@@ -417,7 +417,8 @@ def phase_one(
     first = blocks[0]
     m = first.new_empty((*first.shape[:-1], weight.shape[0]), dtype=torch.float32)
     l, rows = torch.empty_like(m), [first.new_empty(first.shape) for _ in range(weight.shape[0])]
-    (torch.ops.attnres_fx.cpu_phase_one if _traced() else _phase_one)(weight, bias, blocks, inv_rms, m, l, rows)
+    op = _phase_one if _direct(weight, *blocks, *inv_rms) else torch.ops.attnres_fx.cpu_phase_one
+    op(weight, bias, blocks, inv_rms, m, l, rows)
     return m, l, tuple(rows)
 
 
@@ -429,15 +430,19 @@ def phase_one_backward(
     grad_blocks = [b.new_empty(b.shape) for b in blocks]  # contiguous, whatever the blocks' strides
     grad_rms = [r.new_empty(r.shape) for r in inv_rms]
     grad_weight = torch.empty_like(weight)
-    op = torch.ops.attnres_fx.cpu_phase_one_backward if _traced() else _phase_one_backward
+    direct = _direct(weight, m, grad_l, *blocks, *inv_rms, *grad_rows)
+    op = _phase_one_backward if direct else torch.ops.attnres_fx.cpu_phase_one_backward
     op(weight, bias, m, blocks, inv_rms, grad_l, grad_rows, grad_weight, grad_blocks, grad_rms)
     return grad_weight, grad_blocks, grad_rms
 
 
-def _traced() -> bool:
-    """Whether a compiler or a tracing mode (fake tensors, `make_fx`) sees this call: it must see the operator. Else
-    the operator's implementation is called directly (the dispatcher's way into Python costs 10 us a call)."""
-    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+def _direct(*tensors: Tensor) -> bool:
+    """Whether to call the operator's implementation directly (the dispatcher's way into Python costs 10 us a call):
+    plain tensors that no compiler or tracing mode (fake tensors, `make_fx`) sees. Those must see the operator, as
+    must tensor subclasses, which dispatch it their way (a collective's result waits for the collective first)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    return all(type(t) is Tensor for t in tensors)
 
 
 def _statistics(m: Tensor, l: Tensor) -> tuple[Tensor, Tensor]:

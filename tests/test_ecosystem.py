@@ -171,7 +171,7 @@ def test_nothing_of_a_call_outlives_its_backward() -> None:
 
     def keep_refs(module, args, output):
         depth = state.find(output, state.DEPTH)
-        scores = [t for s in depth.scores.values() for t in s.stats]
+        scores = [t for s in depth.scores.values() for t in (s.stats.m, s.stats.l, *s.stats.rows, s.stats.weight)]
         held.extend(weakref.ref(x) for x in (depth, *depth.blocks, *scores))
 
     hooks = [layer.register_forward_hook(keep_refs) for layer in tmodel.model.layers[:-1]]
