@@ -1,9 +1,10 @@
-"""Where the time goes: one compiled training step, baseline vs attnres_fx, split by phase and kernel.
+"""Where the time goes: one training step, baseline vs attnres_fx, split by phase and kernel.
 
-    python -m benchmarks.profile_step --config small
+    python -m benchmarks.profile_step --config small          # compiled
+    python -m benchmarks.profile_step --config demo --eager   # eager: the ops and autograd nodes instead of kernels
 
 For each variant: forward / backward / optimizer milliseconds (medians), how many kernels Inductor
-generated, and the most expensive kernels of the step (torch.profiler, self time).
+generated, and the most expensive kernels (eager: ops and autograd Functions) of the step (torch.profiler, self time).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--variants", default="baseline,attnres_fx")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--top", type=int, default=8)
+    parser.add_argument("--eager", action="store_true", help="the eager step (no torch.compile)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = CONFIGS[args.config]
@@ -56,14 +58,14 @@ def main() -> None:
     for variant in args.variants.split(","):
         model = build(variant, cfg, "cpu", torch.float32).train()
         ids = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]))
-        call = torch.compile(model)
+        call = model if args.eager else torch.compile(model)
         metrics.reset()
         call(ids, ids).backward()
-        generated = metrics.generated_kernel_count
+        generated = "-" if args.eager else metrics.generated_kernel_count
         split = phases(model, call, ids, args.rounds)
         rows.append((variant, generated, *(f"{split[k]:.1f}" for k in ("forward", "backward", "optimizer"))))
         kernels[variant] = top_kernels(call, ids, args.top)
-    print(f"{args.config} {cfg}, 1 thread, torch {torch.__version__}")
+    print(f"{args.config} {cfg}, {'eager' if args.eager else 'compiled'}, 1 thread, torch {torch.__version__}")
     print(tabulate(rows, headers=["variant", "kernels generated", "forward ms", "backward ms", "optimizer ms"]))
     for variant, top in kernels.items():
         print(f"\n{variant}: top kernels by self time (one forward + backward)")
