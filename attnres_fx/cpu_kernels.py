@@ -331,12 +331,15 @@ def build(dtype: torch.dtype) -> bool:
 
 def handles(*tensors: Tensor) -> bool:
     """Whether the kernel computes for these sources: CPU tensors of one dtype that it handles (it reads them all as
-    one; mixed dtypes, as autocast makes them, are left to torch ops). While a compile traces, where the toolchain has
-    built the kernel for some dtype: the operator builds the one it needs when it runs."""
+    one; mixed dtypes, as autocast makes them, are left to torch ops), plain ones (it reads their memory by address:
+    a subclass such as a collective's pending result has none of its own). While a compile traces, where the
+    toolchain has built the kernel for some dtype: the operator builds the one it needs when it runs."""
     dtype = tensors[0].dtype
     if dtype not in _DTYPES or not all(t.is_cpu and t.dtype == dtype for t in tensors):
         return False
-    return bool(_kernels) if torch.compiler.is_compiling() else build(dtype)
+    if torch.compiler.is_compiling():
+        return bool(_kernels)
+    return all(type(t) is Tensor for t in tensors) and build(dtype)
 
 
 def _launch(op: int, dtype: torch.dtype, *args: int | Tensor | None | list[Tensor], eps: float = 0.0) -> None:
@@ -417,7 +420,7 @@ def phase_one(
     first = blocks[0]
     m = first.new_empty((*first.shape[:-1], weight.shape[0]), dtype=torch.float32)
     l, rows = torch.empty_like(m), [first.new_empty(first.shape) for _ in range(weight.shape[0])]
-    op = _phase_one if _direct(weight, *blocks, *inv_rms) else torch.ops.attnres_fx.cpu_phase_one
+    op = torch.ops.attnres_fx.cpu_phase_one if _traced() else _phase_one
     op(weight, bias, blocks, inv_rms, m, l, rows)
     return m, l, tuple(rows)
 
@@ -430,19 +433,15 @@ def phase_one_backward(
     grad_blocks = [b.new_empty(b.shape) for b in blocks]  # contiguous, whatever the blocks' strides
     grad_rms = [r.new_empty(r.shape) for r in inv_rms]
     grad_weight = torch.empty_like(weight)
-    direct = _direct(weight, m, grad_l, *blocks, *inv_rms, *grad_rows)
-    op = _phase_one_backward if direct else torch.ops.attnres_fx.cpu_phase_one_backward
+    op = torch.ops.attnres_fx.cpu_phase_one_backward if _traced() else _phase_one_backward
     op(weight, bias, m, blocks, inv_rms, grad_l, grad_rows, grad_weight, grad_blocks, grad_rms)
     return grad_weight, grad_blocks, grad_rms
 
 
-def _direct(*tensors: Tensor) -> bool:
-    """Whether to call the operator's implementation directly (the dispatcher's way into Python costs 10 us a call):
-    plain tensors that no compiler or tracing mode (fake tensors, `make_fx`) sees. Those must see the operator, as
-    must tensor subclasses, which dispatch it their way (a collective's result waits for the collective first)."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
-        return False
-    return all(type(t) is Tensor for t in tensors)
+def _traced() -> bool:
+    """Whether a compiler or a dispatch mode (fake tensors, `make_fx`) sees this call: it must see the operator. Else
+    the operator's implementation is called directly (the dispatcher's way into Python costs 10 us a call)."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
 
 
 def _statistics(m: Tensor, l: Tensor) -> tuple[Tensor, Tensor]:
@@ -453,7 +452,8 @@ def _statistics(m: Tensor, l: Tensor) -> tuple[Tensor, Tensor]:
 
 def merge(m: Tensor, l: Tensor, o: Tensor, partial: Tensor, weight: Tensor, eps: float) -> Tensor:
     """Phase 2 (eager only: compiled, Inductor fuses the torch code with the norm that reads the result): sublayer k's
-    phase-1 row (m, l [...], o [..., d], strided views of the block's statistics) merged with the partial sum."""
+    phase-1 row (m, l [...]: strided views of the block's statistics; o [..., d], its own tensor or, from the torch
+    code, a view of one [..., J, d]) merged with the partial sum."""
     d = partial.shape[-1]
     (m, l), o, p = _statistics(m, l), o.reshape(-1, d), partial.contiguous()
     o = o if o.stride(1) == 1 else o.contiguous()

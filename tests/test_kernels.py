@@ -9,6 +9,7 @@ runs the same two-phase block twice, once on the kernels and once on the torch c
 import pytest
 import torch
 import zoo
+from torch.testing._internal.two_tensor import TwoTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnres_fx
@@ -253,3 +254,19 @@ def test_each_sublayer_row_of_phase_one_takes_its_gradient_alone(on_kernels, fam
     with _SelectBackwardShapes() as seen:
         two_phase_block(blocks, partials, queries, key_weights, cotangents)
     assert (*lead, sublayers, d) not in seen.shapes
+
+
+def test_tensor_subclasses_are_left_to_the_torch_code() -> None:
+    """The C++ kernels read memory by address, which a tensor subclass does not have of its own (sequence
+    parallelism's all-gathered stream is an AsyncCollectiveTensor, whose address is 0 until it is waited for): phase 1
+    and the merge of a subclass's values compute as torch code, and give what the kernels give on the plain values."""
+    blocks, partials, queries, key_weights, _ = block_inputs((3, 5), 64, 3, 2, torch.float32, torch.float32, "cpu")
+    results = []
+    with torch.no_grad():
+        for wrap in (lambda t: t, lambda t: TwoTensor(t, t.clone())):
+            sources = [wrap(b.detach()) for b in blocks]
+            stats = ops.block_scores(sources, [ops.inverse_rms(s, EPS) for s in sources], queries, key_weights)
+            results.append(ops.merge_partial(stats, 1, wrap(partials[0].detach()), EPS))
+    plain, wrapped = results
+    assert isinstance(wrapped, TwoTensor)
+    assert err(wrapped.a, plain) < 1e-5 and err(wrapped.b, plain) < 1e-5
