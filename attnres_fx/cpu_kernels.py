@@ -8,8 +8,9 @@ for every block, and the layers' own kernels are the same at every depth. The me
 eager mode only: compiled, Inductor fuses its torch code with the norm that reads the result.
 
 Per token: phase 1 scores its completed blocks, takes their softmax statistics (fp32) and the weighted sums of the J
-sublayers of the block in one more pass over the token's rows; its backward writes each block's gradients and
-per-thread partial weight gradients that one sum reduces. A slot whose bias is -inf (a fixed-size bank's placeholder,
+sublayers of the block in one more pass over the token's rows; its backward writes each block's gradients (with those
+that later phase-1 calls passed back added: see `ops.BlockStats.blocks`) and per-thread partial weight gradients that
+one sum reduces. A slot whose bias is -inf (a fixed-size bank's placeholder,
 `state.py`) is not read and gets zero gradients. The merge takes W tokens at a time, so that its exponentials and
 square roots are vector operations. Sources, the weighted sum and their gradients are in the model's dtype (fp32,
 bf16, fp16), statistics in fp32.
@@ -119,12 +120,14 @@ static void forward(const float* w, const float* bias, const int64_t* blocks, co
     }
 }
 
-// Phase 1's backward per token t and block i: the gradients of the block and of its inverse RMS; per thread, the
-// weights' gradient (summed over the threads afterwards).
+// Phase 1's backward per token t and block i: the gradients of the block and of its inverse RMS, added to those that
+// later phase-1 calls passed back (addresses, 0: none); per thread, the weights' gradient (summed over the threads
+// afterwards).
 template <typename T>
 static void backward(const float* w, const float* bias, const int64_t* blocks, const int64_t* rms, int64_t n,
                      int64_t M, int64_t D, int64_t J, const float* m, const float* grad_l, const int64_t* grad_rows,
-                     const int64_t* grad_blocks, const int64_t* grad_rms, float* grad_w, int64_t threads) {
+                     const int64_t* later_blocks, const int64_t* later_rms, const int64_t* grad_blocks,
+                     const int64_t* grad_rms, float* grad_w, int64_t threads) {
     #pragma omp parallel num_threads(threads)
     {
         std::vector<float> z(J), e(J), shift(J), gxr(J);
@@ -136,10 +139,15 @@ static void backward(const float* w, const float* bias, const int64_t* blocks, c
             for (int64_t i = 0; i < n; ++i) {
                 T* grad_v = reinterpret_cast<T*>(grad_blocks[i]) + t * D;
                 float* grad_r = reinterpret_cast<float*>(grad_rms[i]) + t;
+                const T* later_v = later_blocks[i] ? reinterpret_cast<const T*>(later_blocks[i]) + t * D : nullptr;
+                float later_r = later_rms[i] ? reinterpret_cast<const float*>(later_rms[i])[t] : 0.f;
                 float b = bias ? bias[i] : 0.f;
-                if (b == -INFINITY) {  // a placeholder: read by nothing
-                    for (int64_t k = 0; k < D; k += W) store(Vec(0.f), grad_v + k, lanes(k, D));
-                    *grad_r = 0.f;
+                if (b == -INFINITY) {  // a placeholder: read by nothing here
+                    for (int64_t k = 0; k < D; k += W) {
+                        int64_t c = lanes(k, D);
+                        store(later_v ? load(later_v + k, c) : Vec(0.f), grad_v + k, c);
+                    }
+                    *grad_r = later_r;
                     continue;
                 }
                 const T* v = reinterpret_cast<const T*>(blocks[i]) + t * D;
@@ -164,9 +172,9 @@ static void backward(const float* w, const float* bias, const int64_t* blocks, c
                         float* gwj = gw + j * D + k;
                         at::vec::fmadd(vk, Vec(gxr[j]), Vec::loadu(gwj, c)).store(gwj, c);
                     }
-                    store(g, grad_v + k, c);
+                    store(later_v ? g + load(later_v + k, c) : g, grad_v + k, c);
                 }
-                *grad_r = gr;
+                *grad_r = gr + later_r;
             }
         }
     }
@@ -266,15 +274,18 @@ static void run(int64_t op, Args a, float eps, int64_t threads) {
             const int64_t* rows = a.list(J);
             const int64_t* blocks = a.list(n);
             forward<T>(w, bias, blocks, a.list(n), n, M, D, J, m, l, rows, threads);
-        } else {  // grad_l, grad_w (per thread), the rows' gradients, blocks, inverse RMS, their gradients
+        } else {  // grad_l, grad_w (per thread), the rows' gradients, blocks, inverse RMS, the gradients later calls
+            // passed back for them, theirs
             const float* grad_l = a.ptr<const float>();
             float* grad_w = a.ptr<float>();
             const int64_t* grad_rows = a.list(J);
             const int64_t* blocks = a.list(n);
             const int64_t* rms = a.list(n);
+            const int64_t* later_blocks = a.list(n);
+            const int64_t* later_rms = a.list(n);
             const int64_t* grad_blocks = a.list(n);
-            backward<T>(w, bias, blocks, rms, n, M, D, J, m, grad_l, grad_rows, grad_blocks, a.list(n), grad_w,
-                        threads);
+            backward<T>(w, bias, blocks, rms, n, M, D, J, m, grad_l, grad_rows, later_blocks, later_rms, grad_blocks,
+                        a.list(n), grad_w, threads);
         }
     } else {  // merge: M, D, token stride of m and l, m, l, partial, weight, then per op below
         int64_t M = a.num(), D = a.num(), ms = a.num();
@@ -342,14 +353,16 @@ def handles(*tensors: Tensor) -> bool:
     return all(type(t) is Tensor for t in tensors) and build(dtype)
 
 
-def _launch(op: int, dtype: torch.dtype, *args: int | Tensor | None | list[Tensor], eps: float = 0.0) -> None:
+def _launch(
+    op: int, dtype: torch.dtype, *args: int | Tensor | None | list[Tensor] | list[Tensor | None], eps: float = 0.0
+) -> None:
     """Run `op` on `args` as the C++ code reads them (sizes as they are, tensors (contiguous, or strided as the op
-    says) and None (0) by address, lists of tensors address by address), on torch's threads. The arguments go as one
-    int64 array (a Python `array`: a tensor made from the list costs more than the kernel at decode sizes)."""
+    says) and None (0) by address, lists of tensors (or None) address by address), on torch's threads. The arguments
+    go as one int64 array (a Python `array`: a tensor made from the list costs more than the kernel at decode sizes)."""
     flat: list[int] = []
     for arg in args:
         if isinstance(arg, list):
-            flat += [t.data_ptr() for t in arg]
+            flat += [0 if t is None else t.data_ptr() for t in arg]
         else:
             flat.append(arg.data_ptr() if isinstance(arg, Tensor) else arg or 0)
     if not build(dtype):
@@ -360,6 +373,10 @@ def _launch(op: int, dtype: torch.dtype, *args: int | Tensor | None | list[Tenso
 
 def _contiguous(tensors: list[Tensor]) -> list[Tensor]:
     return [t.contiguous() for t in tensors]
+
+
+def _contiguous_or_none(tensors: list[Tensor | None]) -> list[Tensor | None]:
+    return [None if t is None else t.contiguous() for t in tensors]
 
 
 def _phase_one(
@@ -380,17 +397,20 @@ def _phase_one_backward(
     inv_rms: list[Tensor],
     grad_l: Tensor,
     grad_rows: list[Tensor],
+    later_blocks: list[Tensor | None],
+    later_rms: list[Tensor | None],
     grad_weight: Tensor,
     grad_blocks: list[Tensor],
     grad_rms: list[Tensor],
 ) -> None:
     blocks, inv_rms = _contiguous(blocks), _contiguous(inv_rms)
+    later_blocks, later_rms = _contiguous_or_none(later_blocks), _contiguous_or_none(later_rms)
     J, D = weight.shape
     partial = weight.new_zeros((torch.get_num_threads(), J, D))  # per thread: its tokens' part of the weight gradient
     weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
     m, grad_l, grad_rows = m.contiguous(), grad_l.contiguous(), _contiguous(grad_rows)
     _launch(_PHASE_ONE_BACKWARD, blocks[0].dtype, len(blocks), m.numel() // J, D, J, weight, bias, m, grad_l, partial,
-            grad_rows, blocks, inv_rms, grad_blocks, grad_rms)  # fmt: skip
+            grad_rows, blocks, inv_rms, later_blocks, later_rms, grad_blocks, grad_rms)  # fmt: skip
     torch.sum(partial, 0, out=grad_weight)
 
 
@@ -405,7 +425,8 @@ _LIBRARY.define(
 )
 _LIBRARY.define(
     "cpu_phase_one_backward(Tensor weight, Tensor? bias, Tensor m, Tensor[] blocks, Tensor[] inv_rms, "
-    "Tensor grad_l, Tensor[] grad_rows, Tensor(a!) grad_weight, Tensor(b!)[] grad_blocks, Tensor(c!)[] grad_rms) -> ()"
+    "Tensor grad_l, Tensor[] grad_rows, Tensor?[] later_blocks, Tensor?[] later_rms, Tensor(a!) grad_weight, "
+    "Tensor(b!)[] grad_blocks, Tensor(c!)[] grad_rms) -> ()"
 )
 _LIBRARY.impl("cpu_phase_one", _phase_one, "CPU")
 _LIBRARY.impl("cpu_phase_one_backward", _phase_one_backward, "CPU")
@@ -427,14 +448,15 @@ def phase_one(
 
 def phase_one_backward(
     weight: Tensor, bias: Tensor | None, m: Tensor, blocks: list[Tensor], inv_rms: list[Tensor], grad_l: Tensor,
-    grad_rows: list[Tensor],
+    grad_rows: list[Tensor], later_blocks: list[Tensor | None], later_rms: list[Tensor | None],
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:  # fmt: skip
-    """Phase 1's gradients: (weight, each block, each inverse RMS)."""
+    """Phase 1's gradients: (weight, each block, each inverse RMS), the blocks' and inverse RMS's with those that
+    later phase-1 calls passed back (`later_*`, None: none) added."""
     grad_blocks = [b.new_empty(b.shape) for b in blocks]  # contiguous, whatever the blocks' strides
     grad_rms = [r.new_empty(r.shape) for r in inv_rms]
     grad_weight = torch.empty_like(weight)
     op = torch.ops.attnres_fx.cpu_phase_one_backward if _traced() else _phase_one_backward
-    op(weight, bias, m, blocks, inv_rms, grad_l, grad_rows, grad_weight, grad_blocks, grad_rms)
+    op(weight, bias, m, blocks, inv_rms, grad_l, grad_rows, later_blocks, later_rms, grad_weight, grad_blocks, grad_rms)
     return grad_weight, grad_blocks, grad_rms
 
 

@@ -164,7 +164,9 @@ class DepthRuntime:
         program = plan.program
         entry = _LayerEntry(forward, plan, x, depth)
         self._local.call, self._local.recomputing = _LayerCall(entry), None
-        partial = state.tracked(torch.zeros_like(x), x) if depth.partial is None else depth.partial
+        partial = depth.partial
+        if partial is None:  # a block starts with the layer: zeros, with (eager) a node that the call is found on
+            partial = torch.zeros_like(x) if torch.compiler.is_compiling() else state.tracked(torch.zeros_like(x), x)
         handed = partial.clone() if program.in_place else partial.view_as(partial)  # its own tensor, in any case
         if not torch.compiler.is_compiling():
             state.attach(handed, entry, state.CALL)  # a tensor of this call alone: see `_current_call`
@@ -248,14 +250,13 @@ class DepthRuntime:
 
     def start(self, x: Tensor, first: _DepthForward) -> DepthState:
         """The state at the stream's start `x`, with the first block scored for the sublayers after the first."""
-        x = self._features_last(x)
-        exact = state.from_sources([x], self.key_eps, None)
-        slots = self.bank_slots(first)
-        depth = exact if slots is None else state.from_sources([x], self.key_eps, None, slots)
+        depth = state.from_sources([self._features_last(x)], self.key_eps, None)
         if self._uses_two_phase():  # the whole block, as where any other block opens, from the start alone
             plan = first.plans[0]
-            depth.scores = self._score(exact, plan.program, plan.params, 0)
-        return depth
+            scores, depth = self._score(depth, plan.program, plan.params, 0)
+            depth.scores = scores
+        slots = self.bank_slots(first)
+        return depth if slots is None else depth.in_bank(slots)
 
     def bank_slots(self, first: _DepthForward) -> int | None:
         """The fixed size of the bank where the layer the state starts in is compiled on its own (`layer.compile()`,
@@ -311,7 +312,8 @@ class DepthRuntime:
             return ops.depth_attention(blocks, query, key_weight, eps, bias)
         position = program.position(offset)
         if call.scores is None or eps not in call.scores or position not in call.scores[eps].positions:
-            call.scores = self._score(depth, program, call.params, offset)  # a pipeline stage's start
+            call.scores, call.depth = self._score(depth, program, call.params, offset)  # or a pipeline stage's start
+            depth = call.depth
         scores = call.scores[eps]
         k = scores.positions.index(position)
         if partial is None:
@@ -320,8 +322,9 @@ class DepthRuntime:
 
     def _score(
         self, depth: DepthState, program: LayerProgram, params: tuple[SiteParameters, ...], offset: int
-    ) -> dict[float, BlockScores]:
-        """Phase 1 of the block of sublayer `offset`, for it and the block's sublayers after it, per key-norm eps.
+    ) -> tuple[dict[float, BlockScores], DepthState]:
+        """Phase 1 of the block of sublayer `offset`, for it and the block's sublayers after it, per key-norm eps; and
+        the state that reads its sources through what phase 1 handed on (`ops.BlockStats.blocks`).
         Offset 0 is scored only at the stream's start, where sublayer 0 (one source, no parameters) reads the start
         itself: its row, computed with the next sublayer's parameters, is never read (and passes back no gradient)."""
         last = min(offset + program.block_size - program.position(offset) - 1, len(program.eps))
@@ -334,7 +337,8 @@ class DepthRuntime:
             weights = [site_weights(params[max(o, 1) - 1]) for o in offsets]
             stats = ops.block_scores(blocks, inv_rms, [w[0] for w in weights], [w[1] for w in weights], bias)
             scores[eps] = BlockScores(tuple(program.position(o) for o in offsets), stats)
-        return scores
+            depth = depth.reading(stats, eps)
+        return scores, depth
 
     def _uses_two_phase(self) -> bool:
         return self.two_phase and not ops.is_recording()

@@ -107,6 +107,11 @@ class BlockStats(NamedTuple):
     # (slices of one [..., J, d] tensor would each get a full-size zero-filled gradient, summed by autograd)
     rows: tuple[Tensor, ...]
     weight: Tensor  # [J, d] q * g per sublayer, fp32: the merge scores the partial sum with it too
+    # the blocks and their inverse RMS as later phase-1 calls must read them: aliases through which those calls pass
+    # their gradients back to this one, whose kernel adds them to its own (autograd would sum a block's gradients
+    # from every call that read it in one n-ary sum, which compiled is a kernel per block count)
+    blocks: tuple[Tensor, ...]
+    inv_rms: tuple[Tensor, ...]
 
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -125,9 +130,11 @@ def block_scores(
     if not torch.is_grad_enabled():  # nothing to keep; and Dynamo (2.14) mis-binds the inputs of a Function with
         # *args when grad mode is off. Compiled without a backward (inference, decoding), Inductor's code for phase 1
         # fuses with its readers and is faster than the C++ operator, whose point is a backward compiled once.
-        return BlockStats(*_phase_one(weight, bias, blocks, inv_rms, not torch.compiler.is_compiling()), weight)
-    m, l, *rows = _BlockScores.apply(weight, bias, *blocks, *inv_rms)
-    return BlockStats(m, l, tuple(rows), weight)
+        stats = _phase_one(weight, bias, blocks, inv_rms, not torch.compiler.is_compiling())
+        return BlockStats(*stats, weight, tuple(blocks), tuple(inv_rms))
+    m, l, *outputs = _BlockScores.apply(weight, bias, *blocks, *inv_rms)
+    rows, n = outputs[: len(queries)], len(blocks)
+    return BlockStats(m, l, tuple(rows), weight, tuple(outputs[-2 * n : -n]), tuple(outputs[-n:]))
 
 
 def merge_partial(stats: BlockStats, k: int, partial: Tensor, eps: float) -> Tensor:
@@ -198,21 +205,30 @@ def _phase_one_grads(
     inv_rms: Sequence[Tensor],
     grad_l: Tensor,
     grad_rows: Sequence[Tensor],
+    later: Sequence[Tensor | None],
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """Phase 1's backward: gradients of (weight, each block, each inverse RMS), given those of (l, each row)."""
+    """Phase 1's backward: gradients of (weight, each block, each inverse RMS), given those of (l, each row) and
+    those that later phase-1 calls passed back for (each block, each inverse RMS), added to the blocks' and RMS's."""
+    n = len(blocks)
     if cpu_kernels.handles(*blocks):
-        return cpu_kernels.phase_one_backward(weight, bias, m, list(blocks), list(inv_rms), grad_l, list(grad_rows))
+        return cpu_kernels.phase_one_backward(
+            weight, bias, m, list(blocks), list(inv_rms), grad_l, list(grad_rows), list(later[:n]), list(later[n:])
+        )
     grad_o = torch.stack(grad_rows, -2)
     if _on_kernels(blocks[0]):
         grad_blocks, grad_rms, coef = _kernels.phase_one_backward(
             weight, m, list(blocks), list(inv_rms), grad_l, grad_o, bias
         )
         grad_weight = functools.reduce(torch.add, (_weight_grad(c, b) for c, b in zip(coef, blocks)))
-        return grad_weight, grad_blocks, grad_rms
-    grads = [
-        _source_grads(b, r, _bias(bias, i), weight, m, grad_l, grad_o) for i, (b, r) in enumerate(zip(blocks, inv_rms))
-    ]
-    return functools.reduce(torch.add, (g[2] for g in grads)), [g[0] for g in grads], [g[1] for g in grads]
+    else:
+        grads = [
+            _source_grads(b, r, _bias(bias, i), weight, m, grad_l, grad_o)
+            for i, (b, r) in enumerate(zip(blocks, inv_rms))
+        ]
+        grad_weight = functools.reduce(torch.add, (g[2] for g in grads))
+        grad_blocks, grad_rms = [g[0] for g in grads], [g[1] for g in grads]
+    grad_blocks = [g if x is None else g + x for g, x in zip(grad_blocks, later[:n])]
+    return grad_weight, grad_blocks, [g if x is None else g + x for g, x in zip(grad_rms, later[n:])]
 
 
 def _bias(bias: Tensor | None, i: int) -> Tensor | float:
@@ -220,7 +236,8 @@ def _bias(bias: Tensor | None, i: int) -> Tensor | float:
 
 
 class _BlockScores(torch.autograd.Function):
-    """Phase 1. Inputs (weight [J, d], bias [blocks] or None, *blocks, *inv_rms); outputs (m, l, *rows of o)."""
+    """Phase 1. Inputs (weight [J, d], bias [blocks] or None, *blocks, *inv_rms); outputs (m, l, *rows of o, *blocks,
+    *inv_rms): the inputs handed on, for later phase-1 calls to read (`BlockStats.blocks`)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -230,16 +247,20 @@ class _BlockScores(torch.autograd.Function):
         m, l, rows = _phase_one(weight, bias, blocks_and_rms[:n], blocks_and_rms[n:])
         ctx.save_for_backward(weight, bias, m, *blocks_and_rms)
         ctx.mark_non_differentiable(m)
-        return m, l, *rows
+        ctx.set_materialize_grads(False)  # no gradient from later calls: None, not zeros to add
+        return m, l, *rows, *blocks_and_rms
 
     @staticmethod
     def backward(  # type: ignore[override]
-        ctx, _grad_m: Tensor, grad_l: Tensor, *grad_rows: Tensor
+        ctx, _grad_m: Tensor, grad_l: Tensor | None, *grads: Tensor | None
     ) -> tuple[Tensor | None, ...]:
         weight, bias, m, *blocks_and_rms = ctx.saved_tensors
-        n = len(blocks_and_rms) // 2
+        n, J = len(blocks_and_rms) // 2, weight.shape[0]
+        blocks = blocks_and_rms[:n]
+        grad_l = torch.zeros_like(m) if grad_l is None else grad_l
+        grad_rows = [torch.zeros_like(blocks[0]) if g is None else g for g in grads[:J]]
         grad_weight, grad_blocks, grad_rms = _phase_one_grads(
-            weight, bias, m, blocks_and_rms[:n], blocks_and_rms[n:], grad_l, grad_rows
+            weight, bias, m, blocks, blocks_and_rms[n:], grad_l, grad_rows, grads[J:]
         )
         return grad_weight, None, *grad_blocks, *grad_rms
 

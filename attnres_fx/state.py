@@ -15,7 +15,7 @@ compiles once. Elsewhere (eager, the whole model compiled) the bank holds the bl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -61,6 +61,26 @@ class DepthState:
         """This bank with the current block's partial sum and phase 1: what a layer hands the next."""
         return DepthState(self.blocks, self.inv_rms, partial, scores, self.bias, next_site)
 
+    def reading(self, stats: ops.BlockStats, eps: float) -> DepthState:
+        """This state with the sources that phase 1 read (its newest blocks, and their inverse RMS for `eps`) replaced
+        by the aliases it handed on (`ops.BlockStats.blocks`), for later phase-1 calls to read."""
+        n, rms = len(stats.blocks), self.inv_rms[eps]
+        blocks = (*self.blocks[: len(self.blocks) - n], *stats.blocks)
+        inv_rms = {**self.inv_rms, eps: (*rms[: len(rms) - n], *stats.inv_rms)}
+        return replace(self, blocks=blocks, inv_rms=inv_rms)
+
+    def in_bank(self, slots: int) -> DepthState:
+        """This state in a fixed-size bank of `slots`: zero placeholders before its blocks, masked by a -inf bias."""
+        empty, like = slots - len(self.blocks), self.blocks[0]
+        # one allocation each: placeholders that share storage are one tensor to a compiled layer's autograd Functions
+        placeholders = tuple(tracked(like.new_zeros(like.shape), like) for _ in range(empty))
+        inv_rms = {
+            e: (*(tracked(ops.inverse_rms(p, e), like) for p in placeholders), *rms) for e, rms in self.inv_rms.items()
+        }
+        bias = torch.zeros(slots, device=like.device)
+        bias[:empty] = float("-inf")
+        return replace(self, blocks=(*placeholders, *self.blocks), inv_rms=inv_rms, bias=bias)
+
 
 def from_sources(
     sources: list[Tensor], eps: tuple[float, ...], partial: Tensor | None, slots: int | None = None, next_site: int = 0
@@ -68,16 +88,8 @@ def from_sources(
     """A state holding `sources` (the stream start and the completed blocks, oldest first) and `partial`, read next
     by sublayer `next_site`; with `slots`, a fixed-size bank of that many."""
     inv_rms = {e: tuple(ops.inverse_rms(s, e) for s in sources) for e in eps}
-    if slots is None:
-        return DepthState(tuple(sources), inv_rms, partial, None, next_site=next_site)
-    empty, like = slots - len(sources), sources[0]
-    # one allocation each: placeholders that share storage are one tensor to a compiled layer's autograd Functions
-    placeholders = tuple(tracked(like.new_zeros(like.shape), like) for _ in range(empty))
-    for e in eps:
-        inv_rms[e] = (*(tracked(ops.inverse_rms(p, e), like) for p in placeholders), *inv_rms[e])
-    bias = torch.zeros(slots, device=like.device)
-    bias[:empty] = float("-inf")
-    return DepthState((*placeholders, *sources), inv_rms, partial, None, bias, next_site)
+    depth = DepthState(tuple(sources), inv_rms, partial, None, next_site=next_site)
+    return depth if slots is None else depth.in_bank(slots)
 
 
 def attach(x: Tensor, value: object, key: str) -> None:

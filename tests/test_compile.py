@@ -56,6 +56,39 @@ def test_compiled_training_step_matches_eager(arch: str, monkeypatch) -> None:
         assert zoo.rel_err(grads_c[name], grads_e[name]) < 1e-5, name
 
 
+def test_compiled_backward_sums_no_block_gradients_outside_the_phase_one_kernel() -> None:
+    """A completed block is read by the phase 1 of every later block. Summed by autograd, its gradients from all of
+    them are one n-ary add, which Inductor compiles into a kernel per block count (7 of the 25 C++ kernels of the
+    8-layer benchmark model). The blocks are handed from one phase 1 to the next, whose backward kernel adds what later
+    ones passed back: in the compiled backward (AOTAutograd's graph), no add takes two phase-1 gradients."""
+    import operator
+
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+    backend = aot_autograd(fw_compiler=lambda gm, _: gm, bw_compiler=lambda gm, _: graphs.append(gm) or gm)
+    tmodel = attnres_fx.transform(zoo.llama(layers=4), num_blocks=4).train()
+    ids = zoo.token_ids()
+    torch.compile(tmodel, backend=backend, fullgraph=True)(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+
+    def is_phase_one_backward(node: torch.fx.Node) -> bool:
+        op = torch.ops.attnres_fx.cpu_phase_one_backward.default
+        return node.target is torch.ops.higher_order.auto_functionalized_v2 and node.args[0] is op
+
+    def phase_one_backward(node: object) -> bool:
+        """Whether `node` is (an output, or a view of one, of) a phase-1 backward."""
+        while isinstance(node, torch.fx.Node) and node.op == "call_function" and (
+            node.target is operator.getitem or "view" in str(node.target)
+        ):
+            node = node.args[0]
+        return isinstance(node, torch.fx.Node) and is_phase_one_backward(node)
+
+    (graph,) = [g.graph for g in graphs]
+    assert sum(is_phase_one_backward(n) for n in graph.nodes) == 5  # the stream's start and four blocks opening
+    adds = [n for n in graph.nodes if n.target is torch.ops.aten.add.Tensor]
+    assert adds and not [n for n in adds if all(phase_one_backward(a) for a in n.args[:2])]
+
+
 def test_per_layer_compile_compiles_each_layer_configuration_once() -> None:
     """torchtitan's regional compile, `layer.compile(fullgraph=True)` on each of 12 layers: every layer reads state of
     the same shapes at any depth and is handed its parameters in order, so Dynamo compiles one graph per layer

@@ -133,6 +133,39 @@ def test_masked_placeholder_slots_change_nothing(on_kernels, family, case) -> No
         assert err(grad, ref) < 1e-5
 
 
+@pytest.mark.parametrize("family", [*FAMILIES, None], ids=[*FAMILIES, "torch"])
+@pytest.mark.parametrize("empty", [0, 2], ids=["blocks", "placeholders"])
+def test_gradients_passed_back_through_handed_on_blocks_are_added(on_kernels, family, empty) -> None:
+    """A later block's phase 1 reads the blocks that an earlier one handed on (`BlockStats.blocks`, as the depth state
+    does), and the earlier call adds the gradients passed back through them to its own: the gradients of every input
+    are those of two calls that read the same blocks directly, which autograd sums. With placeholder slots (masked),
+    whose gradients are passed on alone."""
+    route = on_kernels
+    route(family)
+    blocks, partials, queries, key_weights, cotangents = block_inputs(
+        (3, 11), 40, 3, 2, torch.float32, torch.float32, device_of(family)
+    )
+    slots = [torch.zeros_like(blocks[0]).requires_grad_() for _ in range(empty)] + blocks
+    bias = torch.tensor([float("-inf")] * empty + [0.0] * len(blocks), device=blocks[0].device) if empty else None
+    leaves = [*slots, *partials, *queries, *key_weights]
+    results = []
+    for handed_on in (True, False):
+        inv_rms = [ops.inverse_rms(b, EPS) for b in slots]
+        first = ops.block_scores(slots, inv_rms, queries[:1], key_weights[:1], bias)
+        read = (list(first.blocks), list(first.inv_rms)) if handed_on else (slots, inv_rms)
+        later = ops.block_scores(read[0] + [partials[0]], read[1] + [ops.inverse_rms(partials[0], EPS)],
+                                 queries[1:], key_weights[1:], None if bias is None else torch.cat([bias, bias[-1:]]))
+        outs = [ops.completed_only(first, 0, blocks[0]), ops.completed_only(later, 0, blocks[0])]
+        loss = sum((o * c).sum() for o, c in zip(outs, cotangents))
+        results.append(torch.autograd.grad(loss, leaves, allow_unused=True))
+    assert route.launched == (PHASE_ONE if family else set())
+    for grad, ref in zip(*results, strict=True):
+        if ref is None:  # a placeholder: read by nothing
+            assert grad is None or not grad.any()
+        else:
+            assert err(grad, ref) < 1e-5
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_kernels_in_bf16_match_an_fp32_reference(on_kernels, family, case) -> None:
