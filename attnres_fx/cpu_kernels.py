@@ -10,8 +10,8 @@ eager mode only: compiled, Inductor fuses its torch code with the norm that read
 Per token: phase 1 scores its completed blocks, takes their softmax statistics (fp32) and the weighted sums of the J
 sublayers of the block in one more pass over the token's rows; its backward writes each block's gradients (with those
 that later phase-1 calls passed back added: see `ops.BlockStats.blocks`) and per-thread partial weight gradients that
-one sum reduces. A slot whose bias is -inf (a fixed-size bank's placeholder,
-`state.py`) is not read and gets zero gradients. The merge takes W tokens at a time, so that its exponentials and
+one sum reduces. A slot whose bias is -inf (a fixed-size bank's placeholder, `state.py`) is not read and gets no
+gradient of its own. The merge takes W tokens at a time, so that its exponentials and
 square roots are vector operations. Sources, the weighted sum and their gradients are in the model's dtype (fp32,
 bf16, fp16), statistics in fp32.
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import array
 import warnings
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -371,11 +372,11 @@ def _launch(
     _kernels[dtype](op, packed.buffer_info()[0], eps, torch.get_num_threads())
 
 
-def _contiguous(tensors: list[Tensor]) -> list[Tensor]:
-    return [t.contiguous() for t in tensors]
+_MaybeTensor = TypeVar("_MaybeTensor", Tensor, Tensor | None)
 
 
-def _contiguous_or_none(tensors: list[Tensor | None]) -> list[Tensor | None]:
+def _contiguous(tensors: list[_MaybeTensor]) -> list[_MaybeTensor]:
+    """Each tensor contiguous (the kernel reads rows by address); None (no tensor) stays None."""
     return [None if t is None else t.contiguous() for t in tensors]
 
 
@@ -404,7 +405,7 @@ def _phase_one_backward(
     grad_rms: list[Tensor],
 ) -> None:
     blocks, inv_rms = _contiguous(blocks), _contiguous(inv_rms)
-    later_blocks, later_rms = _contiguous_or_none(later_blocks), _contiguous_or_none(later_rms)
+    later_blocks, later_rms = _contiguous(later_blocks), _contiguous(later_rms)
     J, D = weight.shape
     partial = weight.new_zeros((torch.get_num_threads(), J, D))  # per thread: its tokens' part of the weight gradient
     weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
