@@ -64,6 +64,10 @@ static inline float dot(const A* x, const B* y, int64_t D) {
     return sum((acc[0] + acc[1]) + (acc[2] + acc[3]));
 }
 
+// 1 / RMS of a row of D values: a key's norm, taken where phase 1 reads the row anyway.
+template <typename T>
+static inline float inverse_rms(const T* x, int64_t D, float eps) { return 1.f / std::sqrt(dot(x, x, D) / D + eps); }
+
 // x[k] = exp(x[k] - shift[k]) for the n values of x.
 static inline void exp_shifted(float* x, const float* shift, int64_t n) {
     for (int64_t k = 0; k < n; k += W) {
@@ -79,8 +83,8 @@ constexpr int64_t G = 4;
 // all blocks and their exponentials, then per feature chunk the weighted sums of G rows at a time, in registers over
 // the blocks (one read of each block's chunk per G rows, one write of each row's).
 template <typename T>
-static void forward(const float* w, const float* bias, const int64_t* blocks, const int64_t* rms, int64_t n,
-                    int64_t M, int64_t D, int64_t J, float* m_out, float* l_out, const int64_t* rows, int64_t threads) {
+static void forward(const float* w, const float* bias, const int64_t* blocks, int64_t n, int64_t M, int64_t D,
+                    int64_t J, float eps, float* m_out, float* l_out, const int64_t* rows, int64_t threads) {
     std::vector<int64_t> live;  // the slots that hold a block (not a placeholder)
     for (int64_t i = 0; i < n; ++i)
         if (!bias || bias[i] != -INFINITY) live.push_back(i);
@@ -94,7 +98,7 @@ static void forward(const float* w, const float* bias, const int64_t* blocks, co
             for (int64_t a = 0; a < N; ++a) {
                 int64_t i = live[a];
                 v[a] = reinterpret_cast<const T*>(blocks[i]) + t * D;
-                float r = reinterpret_cast<const float*>(rms[i])[t], b = bias ? bias[i] : 0.f;
+                float r = inverse_rms(v[a], D, eps), b = bias ? bias[i] : 0.f;
                 for (int64_t j = 0; j < J; ++j) x[j * N + a] = dot(v[a], w + j * D, D) * r + b;
             }
             for (int64_t j = 0; j < J; ++j) {
@@ -121,14 +125,13 @@ static void forward(const float* w, const float* bias, const int64_t* blocks, co
     }
 }
 
-// Phase 1's backward per token t and block i: the gradients of the block and of its inverse RMS, added to those that
-// later phase-1 calls passed back (addresses, 0: none); per thread, the weights' gradient (summed over the threads
-// afterwards).
+// Phase 1's backward per token t and block i: the gradient of the block (through its keys' inverse RMS r too), added
+// to the one that later phase-1 calls passed back (an address, 0: none); per thread, the weights' gradient (summed
+// over the threads afterwards).
 template <typename T>
-static void backward(const float* w, const float* bias, const int64_t* blocks, const int64_t* rms, int64_t n,
-                     int64_t M, int64_t D, int64_t J, const float* m, const float* grad_l, const int64_t* grad_rows,
-                     const int64_t* later_blocks, const int64_t* later_rms, const int64_t* grad_blocks,
-                     const int64_t* grad_rms, float* grad_w, int64_t threads) {
+static void backward(const float* w, const float* bias, const int64_t* blocks, int64_t n, int64_t M, int64_t D,
+                     int64_t J, float eps, const float* m, const float* grad_l, const int64_t* grad_rows,
+                     const int64_t* later_blocks, const int64_t* grad_blocks, float* grad_w, int64_t threads) {
     #pragma omp parallel num_threads(threads)
     {
         std::vector<float> z(J), e(J), shift(J), gxr(J);
@@ -139,20 +142,17 @@ static void backward(const float* w, const float* bias, const int64_t* blocks, c
             for (int64_t j = 0; j < J; ++j) go[j] = reinterpret_cast<const T*>(grad_rows[j]) + t * D;
             for (int64_t i = 0; i < n; ++i) {
                 T* grad_v = reinterpret_cast<T*>(grad_blocks[i]) + t * D;
-                float* grad_r = reinterpret_cast<float*>(grad_rms[i]) + t;
                 const T* later_v = later_blocks[i] ? reinterpret_cast<const T*>(later_blocks[i]) + t * D : nullptr;
-                float later_r = later_rms[i] ? reinterpret_cast<const float*>(later_rms[i])[t] : 0.f;
                 float b = bias ? bias[i] : 0.f;
                 if (b == -INFINITY) {  // a placeholder: read by nothing here
                     for (int64_t k = 0; k < D; k += W) {
                         int64_t c = lanes(k, D);
                         store(later_v ? load(later_v + k, c) : Vec(0.f), grad_v + k, c);
                     }
-                    *grad_r = later_r;
                     continue;
                 }
                 const T* v = reinterpret_cast<const T*>(blocks[i]) + t * D;
-                float r = reinterpret_cast<const float*>(rms[i])[t], gr = 0.f;
+                float r = inverse_rms(v, D, eps), gr = 0.f;
                 for (int64_t j = 0; j < J; ++j) {
                     z[j] = dot(v, w + j * D, D);
                     e[j] = z[j] * r + b;
@@ -164,9 +164,10 @@ static void backward(const float* w, const float* bias, const int64_t* blocks, c
                     gxr[j] = gx * r;
                     gr += gx * z[j];
                 }
+                const Vec through_r(-gr * r * r * r / D);  // d r / d v = -r^3 v / D
                 for (int64_t k = 0; k < D; k += W) {
                     int64_t c = lanes(k, D);
-                    Vec vk = load(v + k, c), g(0.f);
+                    Vec vk = load(v + k, c), g = through_r * vk;
                     for (int64_t j = 0; j < J; ++j) {
                         g = at::vec::fmadd(load(go[j] + k, c), Vec(e[j]), g);
                         g = at::vec::fmadd(Vec::loadu(w + j * D + k, c), Vec(gxr[j]), g);
@@ -175,7 +176,6 @@ static void backward(const float* w, const float* bias, const int64_t* blocks, c
                     }
                     store(later_v ? g + load(later_v + k, c) : g, grad_v + k, c);
                 }
-                *grad_r = gr + later_r;
             }
         }
     }
@@ -270,23 +270,19 @@ static void run(int64_t op, Args a, float eps, int64_t threads) {
         const float* w = a.ptr<const float>();
         const float* bias = a.ptr<const float>();
         float* m = a.ptr<float>();
-        if (op == 0) {  // l, the J rows of o, blocks, inverse RMS
+        if (op == 0) {  // l, the J rows of o, blocks
             float* l = a.ptr<float>();
             const int64_t* rows = a.list(J);
-            const int64_t* blocks = a.list(n);
-            forward<T>(w, bias, blocks, a.list(n), n, M, D, J, m, l, rows, threads);
-        } else {  // grad_l, grad_w (per thread), the rows' gradients, blocks, inverse RMS, the gradients later calls
-            // passed back for them, theirs
+            forward<T>(w, bias, a.list(n), n, M, D, J, eps, m, l, rows, threads);
+        } else {  // grad_l, grad_w (per thread), the rows' gradients, blocks, the gradients later calls passed back
+            // for them, theirs
             const float* grad_l = a.ptr<const float>();
             float* grad_w = a.ptr<float>();
             const int64_t* grad_rows = a.list(J);
             const int64_t* blocks = a.list(n);
-            const int64_t* rms = a.list(n);
             const int64_t* later_blocks = a.list(n);
-            const int64_t* later_rms = a.list(n);
-            const int64_t* grad_blocks = a.list(n);
-            backward<T>(w, bias, blocks, rms, n, M, D, J, m, grad_l, grad_rows, later_blocks, later_rms, grad_blocks,
-                        a.list(n), grad_w, threads);
+            backward<T>(w, bias, blocks, n, M, D, J, eps, m, grad_l, grad_rows, later_blocks, a.list(n), grad_w,
+                        threads);
         }
     } else {  // merge: M, D, token stride of m and l, m, l, partial, weight, then per op below
         int64_t M = a.num(), D = a.num(), ms = a.num();
@@ -381,13 +377,11 @@ def _contiguous(tensors: list[_MaybeTensor]) -> list[_MaybeTensor]:
 
 
 def _phase_one(
-    weight: Tensor, bias: Tensor | None, blocks: list[Tensor], inv_rms: list[Tensor], m: Tensor, l: Tensor,
-    rows: list[Tensor],
-) -> None:  # fmt: skip
+    weight: Tensor, bias: Tensor | None, blocks: list[Tensor], eps: float, m: Tensor, l: Tensor, rows: list[Tensor]
+) -> None:
     J, D = weight.shape
-    weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
-    blocks, inv_rms = _contiguous(blocks), _contiguous(inv_rms)
-    _launch(_PHASE_ONE, blocks[0].dtype, len(blocks), m.numel() // J, D, J, weight, bias, m, l, rows, blocks, inv_rms)
+    weight, bias, blocks = weight.contiguous(), None if bias is None else bias.contiguous(), _contiguous(blocks)
+    _launch(_PHASE_ONE, blocks[0].dtype, len(blocks), m.numel() // J, D, J, weight, bias, m, l, rows, blocks, eps=eps)
 
 
 def _phase_one_backward(
@@ -395,23 +389,20 @@ def _phase_one_backward(
     bias: Tensor | None,
     m: Tensor,
     blocks: list[Tensor],
-    inv_rms: list[Tensor],
+    eps: float,
     grad_l: Tensor,
     grad_rows: list[Tensor],
     later_blocks: list[Tensor | None],
-    later_rms: list[Tensor | None],
     grad_weight: Tensor,
     grad_blocks: list[Tensor],
-    grad_rms: list[Tensor],
 ) -> None:
-    blocks, inv_rms = _contiguous(blocks), _contiguous(inv_rms)
-    later_blocks, later_rms = _contiguous(later_blocks), _contiguous(later_rms)
+    blocks, later_blocks = _contiguous(blocks), _contiguous(later_blocks)
     J, D = weight.shape
     partial = weight.new_zeros((torch.get_num_threads(), J, D))  # per thread: its tokens' part of the weight gradient
     weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
     m, grad_l, grad_rows = m.contiguous(), grad_l.contiguous(), _contiguous(grad_rows)
     _launch(_PHASE_ONE_BACKWARD, blocks[0].dtype, len(blocks), m.numel() // J, D, J, weight, bias, m, grad_l, partial,
-            grad_rows, blocks, inv_rms, later_blocks, later_rms, grad_blocks, grad_rms)  # fmt: skip
+            grad_rows, blocks, later_blocks, grad_blocks, eps=eps)  # fmt: skip
     torch.sum(partial, 0, out=grad_weight)
 
 
@@ -421,13 +412,12 @@ def _phase_one_backward(
 # operator would be fresh memory at every call (page faults on first touch cost as much as the kernel).
 _LIBRARY = torch.library.Library("attnres_fx", "FRAGMENT")
 _LIBRARY.define(
-    "cpu_phase_one(Tensor weight, Tensor? bias, Tensor[] blocks, Tensor[] inv_rms, Tensor(a!) m, Tensor(b!) l, "
+    "cpu_phase_one(Tensor weight, Tensor? bias, Tensor[] blocks, float eps, Tensor(a!) m, Tensor(b!) l, "
     "Tensor(c!)[] rows) -> ()"
 )
 _LIBRARY.define(
-    "cpu_phase_one_backward(Tensor weight, Tensor? bias, Tensor m, Tensor[] blocks, Tensor[] inv_rms, "
-    "Tensor grad_l, Tensor[] grad_rows, Tensor?[] later_blocks, Tensor?[] later_rms, Tensor(a!) grad_weight, "
-    "Tensor(b!)[] grad_blocks, Tensor(c!)[] grad_rms) -> ()"
+    "cpu_phase_one_backward(Tensor weight, Tensor? bias, Tensor m, Tensor[] blocks, float eps, Tensor grad_l, "
+    "Tensor[] grad_rows, Tensor?[] later_blocks, Tensor(a!) grad_weight, Tensor(b!)[] grad_blocks) -> ()"
 )
 _LIBRARY.impl("cpu_phase_one", _phase_one, "CPU")
 _LIBRARY.impl("cpu_phase_one_backward", _phase_one_backward, "CPU")
@@ -436,29 +426,29 @@ torch.library.register_fake("attnres_fx::cpu_phase_one_backward")(lambda *args: 
 
 
 def phase_one(
-    weight: Tensor, bias: Tensor | None, blocks: list[Tensor], inv_rms: list[Tensor]
+    weight: Tensor, bias: Tensor | None, blocks: list[Tensor], eps: float
 ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
-    """(m, l, rows): phase 1's statistics of the J sublayers (rows of `weight`) over `blocks` (see `ops.py`)."""
+    """(m, l, rows): phase 1's statistics of the J sublayers (rows of `weight`) over `blocks` (see `ops.py`), each
+    block's keys RMS-normed with `eps`."""
     first = blocks[0]
     m = first.new_empty((*first.shape[:-1], weight.shape[0]), dtype=torch.float32)
     l, rows = torch.empty_like(m), [first.new_empty(first.shape) for _ in range(weight.shape[0])]
     op = torch.ops.attnres_fx.cpu_phase_one if _traced() else _phase_one
-    op(weight, bias, blocks, inv_rms, m, l, rows)
+    op(weight, bias, blocks, eps, m, l, rows)
     return m, l, tuple(rows)
 
 
 def phase_one_backward(
-    weight: Tensor, bias: Tensor | None, m: Tensor, blocks: list[Tensor], inv_rms: list[Tensor], grad_l: Tensor,
-    grad_rows: list[Tensor], later_blocks: list[Tensor | None], later_rms: list[Tensor | None],
-) -> tuple[Tensor, list[Tensor], list[Tensor]]:  # fmt: skip
-    """Phase 1's gradients: (weight, each block, each inverse RMS), the blocks' and inverse RMS's with those that
-    later phase-1 calls passed back (`later_*`, None: none) added."""
+    weight: Tensor, bias: Tensor | None, m: Tensor, blocks: list[Tensor], eps: float, grad_l: Tensor,
+    grad_rows: list[Tensor], later_blocks: list[Tensor | None],
+) -> tuple[Tensor, list[Tensor]]:  # fmt: skip
+    """Phase 1's gradients: (weight, each block), the blocks' with those that later phase-1 calls passed back
+    (`later_blocks`, None: none) added."""
     grad_blocks = [b.new_empty(b.shape) for b in blocks]  # contiguous, whatever the blocks' strides
-    grad_rms = [r.new_empty(r.shape) for r in inv_rms]
     grad_weight = torch.empty_like(weight)
     op = torch.ops.attnres_fx.cpu_phase_one_backward if _traced() else _phase_one_backward
-    op(weight, bias, m, blocks, inv_rms, grad_l, grad_rows, later_blocks, later_rms, grad_weight, grad_blocks, grad_rms)
-    return grad_weight, grad_blocks, grad_rms
+    op(weight, bias, m, blocks, eps, grad_l, grad_rows, later_blocks, grad_weight, grad_blocks)
+    return grad_weight, grad_blocks
 
 
 def _traced() -> bool:

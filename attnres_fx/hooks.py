@@ -85,7 +85,6 @@ class DepthRuntime:
         self.feature_dim = feature_dim  # the stream's channels, from the end: the depth state holds them last
         self.start_path, self.final_norms = start, final_norms  # where the stream starts, what reads its end
         self.slots = plan.final.num_completed  # the most completed sources any sublayer reads: a fixed bank's size
-        self.key_eps = tuple(sorted({s.eps for s in plan.parametrised})) if two_phase else ()
         self.shared_layers = len({layout.path for layout in layers}) < len(layers)  # a module called at two depths
         self._local = threading.local()  # .call: the layer call in progress on this thread
 
@@ -164,10 +163,11 @@ class DepthRuntime:
         program = plan.program
         entry = _LayerEntry(forward, plan, x, depth)
         self._local.call, self._local.recomputing = _LayerCall(entry), None
-        partial = depth.partial
-        if partial is None:  # a block starts with the layer: zeros, with (eager) a node that the call is found on
+        partial, fresh = depth.partial, depth.partial is None
+        if fresh:  # a block starts with the layer: zeros, with (eager) a node that the call is found on
             partial = torch.zeros_like(x) if torch.compiler.is_compiling() else state.tracked(torch.zeros_like(x), x)
-        handed = partial.clone() if program.in_place else partial.view_as(partial)  # its own tensor, in any case
+        # its own tensor, in any case (a copy where the layer adds in place: `partial` may be a Function's view)
+        handed = partial.clone() if program.in_place else partial if fresh else partial.view_as(partial)
         if not torch.compiler.is_compiling():
             state.attach(handed, entry, state.CALL)  # a tensor of this call alone: see `_current_call`
         return _put(args, kwargs, program.stream_arg, handed)
@@ -250,7 +250,7 @@ class DepthRuntime:
 
     def start(self, x: Tensor, first: _DepthForward) -> DepthState:
         """The state at the stream's start `x`, with the first block scored for the sublayers after the first."""
-        depth = state.from_sources([self._features_last(x)], self.key_eps, None)
+        depth = state.from_sources([self._features_last(x)], None)
         if self._uses_two_phase():  # the whole block, as where any other block opens, from the start alone
             plan = first.plans[0]
             scores, depth = self._score(depth, plan.program, plan.params, 0)
@@ -284,7 +284,7 @@ class DepthRuntime:
         partial = value if call.base is None else value - call.base
         if call.program.position(offset) == 0:
             block = self._features_last(partial)
-            call.depth, call.base, call.scores = call.depth.completed(block, self.key_eps), value, None
+            call.depth, call.base, call.scores = call.depth.completed(block), value, None
             return self._mix(call, offset, None), None
         return self._mix(call, offset, partial), partial
 
@@ -305,7 +305,7 @@ class DepthRuntime:
         eps = program.eps[offset - 1]
         if not self._uses_two_phase():
             query, key_weight = site_weights(call.params[offset - 1])
-            blocks, _, bias = depth.sources()
+            blocks, bias = depth.sources()
             if partial is not None:
                 blocks.append(partial)
                 bias = None if bias is None else torch.cat([bias, bias.new_zeros(1)])
@@ -333,11 +333,11 @@ class DepthRuntime:
             groups.setdefault(program.eps[max(o, 1) - 1], []).append(o)
         scores = {}
         for eps, offsets in groups.items():
-            blocks, inv_rms, bias = depth.sources(eps)
+            blocks, bias = depth.sources()
             weights = [site_weights(params[max(o, 1) - 1]) for o in offsets]
-            stats = ops.block_scores(blocks, inv_rms, [w[0] for w in weights], [w[1] for w in weights], bias)
+            stats = ops.block_scores(blocks, [w[0] for w in weights], [w[1] for w in weights], eps, bias)
             scores[eps] = BlockScores(tuple(program.position(o) for o in offsets), stats)
-            depth = depth.reading(stats, eps)
+            depth = depth.reading(stats)
         return scores, depth
 
     def _uses_two_phase(self) -> bool:

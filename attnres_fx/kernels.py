@@ -50,13 +50,18 @@ def _slot_bias(s_ptr, i, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
-def _fold_block(b_ptr, r_ptr, bias, rows, cols, row_mask, mask, D, w, m, l, acc):
+def _inverse_rms(v, D, eps):
+    """1 / RMS of each row of a tile: a key's norm, taken where the tile is read anyway."""
+    return 1.0 / tl.sqrt(tl.sum(v * v, 1) / D + eps)
+
+
+@triton.jit
+def _fold_block(b_ptr, bias, rows, cols, mask, D, eps, w, m, l, acc):
     """Online softmax: add one completed block's scores and values to the running (max, sum, weighted sum). A
     placeholder slot (bias -inf, see `state.py`) adds nothing and is not read."""
     if bias > float("-inf"):
         v = tl.load(b_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        r = tl.load(r_ptr + rows, mask=row_mask, other=0.0)
-        x = tl.sum(v * w[None, :], 1) * r + bias
+        x = tl.sum(v * w[None, :], 1) * _inverse_rms(v, D, eps) + bias
         top = tl.maximum(m, x)
         alpha, beta = tl.exp(m - top), tl.exp(x - top)
         m, l, acc = top, l * alpha + beta, acc * alpha[:, None] + beta[:, None] * v
@@ -68,8 +73,7 @@ def _fold_block(b_ptr, r_ptr, bias, rows, cols, row_mask, mask, D, w, m, l, acc)
 def _phase_one_kernel(
     w_ptr,
     b0, b1, b2, b3, b4, b5, b6, b7,
-    r0, r1, r2, r3, r4, r5, r6, r7,
-    s_ptr, m_ptr, l_ptr, o_ptr, M, D, J,
+    s_ptr, m_ptr, l_ptr, o_ptr, M, D, J, eps,
     NUM: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Program (j, row tile): sublayer j's statistics over NUM completed blocks, continuing from the stored ones.
@@ -87,21 +91,21 @@ def _phase_one_kernel(
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    m, l, acc = _fold_block(b0, r0, _slot_bias(s_ptr, 0, HAS_BIAS), rows, cols, row_mask, mask, D, w, m, l, acc)
+    m, l, acc = _fold_block(b0, _slot_bias(s_ptr, 0, HAS_BIAS), rows, cols, mask, D, eps, w, m, l, acc)
     if NUM > 1:
-        m, l, acc = _fold_block(b1, r1, _slot_bias(s_ptr, 1, HAS_BIAS), rows, cols, row_mask, mask, D, w, m, l, acc)
+        m, l, acc = _fold_block(b1, _slot_bias(s_ptr, 1, HAS_BIAS), rows, cols, mask, D, eps, w, m, l, acc)
     if NUM > 2:
-        m, l, acc = _fold_block(b2, r2, _slot_bias(s_ptr, 2, HAS_BIAS), rows, cols, row_mask, mask, D, w, m, l, acc)
+        m, l, acc = _fold_block(b2, _slot_bias(s_ptr, 2, HAS_BIAS), rows, cols, mask, D, eps, w, m, l, acc)
     if NUM > 3:
-        m, l, acc = _fold_block(b3, r3, _slot_bias(s_ptr, 3, HAS_BIAS), rows, cols, row_mask, mask, D, w, m, l, acc)
+        m, l, acc = _fold_block(b3, _slot_bias(s_ptr, 3, HAS_BIAS), rows, cols, mask, D, eps, w, m, l, acc)
     if NUM > 4:
-        m, l, acc = _fold_block(b4, r4, _slot_bias(s_ptr, 4, HAS_BIAS), rows, cols, row_mask, mask, D, w, m, l, acc)
+        m, l, acc = _fold_block(b4, _slot_bias(s_ptr, 4, HAS_BIAS), rows, cols, mask, D, eps, w, m, l, acc)
     if NUM > 5:
-        m, l, acc = _fold_block(b5, r5, _slot_bias(s_ptr, 5, HAS_BIAS), rows, cols, row_mask, mask, D, w, m, l, acc)
+        m, l, acc = _fold_block(b5, _slot_bias(s_ptr, 5, HAS_BIAS), rows, cols, mask, D, eps, w, m, l, acc)
     if NUM > 6:
-        m, l, acc = _fold_block(b6, r6, _slot_bias(s_ptr, 6, HAS_BIAS), rows, cols, row_mask, mask, D, w, m, l, acc)
+        m, l, acc = _fold_block(b6, _slot_bias(s_ptr, 6, HAS_BIAS), rows, cols, mask, D, eps, w, m, l, acc)
     if NUM > 7:
-        m, l, acc = _fold_block(b7, r7, _slot_bias(s_ptr, 7, HAS_BIAS), rows, cols, row_mask, mask, D, w, m, l, acc)
+        m, l, acc = _fold_block(b7, _slot_bias(s_ptr, 7, HAS_BIAS), rows, cols, mask, D, eps, w, m, l, acc)
     tl.store(m_ptr + stat, m, mask=row_mask)
     tl.store(l_ptr + stat, l, mask=row_mask)
     tl.store(o_ptr + out, acc.to(o_ptr.dtype.element_ty), mask=mask)
@@ -109,17 +113,15 @@ def _phase_one_kernel(
 
 
 @triton.jit
-def _block_grads(
-    b_ptr, r_ptr, bias, gb_ptr, gr_ptr, c_ptr, w_ptr, m_ptr, gl_ptr, go_ptr, rows, cols, row_mask, mask, D, J
-):
-    """One completed block's gradients (block, inverse RMS) and its weight-gradient coefficients, over all J. Those of
-    a placeholder slot (bias -inf) are zeros, written without reading anything."""
+def _block_grads(b_ptr, bias, gb_ptr, c_ptr, w_ptr, m_ptr, gl_ptr, go_ptr, rows, cols, row_mask, mask, D, J, eps):
+    """One completed block's gradient (through its keys' inverse RMS too) and its weight-gradient coefficients, over
+    all J. Those of a placeholder slot (bias -inf) are zeros, written without reading anything."""
     tile = rows[:, None] * D + cols[None, :]
     grad_v = tl.zeros(mask.shape, tl.float32)
-    grad_r = tl.zeros(row_mask.shape, tl.float32)
     if bias > float("-inf"):
         v = tl.load(b_ptr + tile, mask=mask, other=0.0).to(tl.float32)
-        r = tl.load(r_ptr + rows, mask=row_mask, other=0.0)
+        r = _inverse_rms(v, D, eps)
+        grad_r = tl.zeros(row_mask.shape, tl.float32)
         for j in range(J):
             w = tl.load(w_ptr + j * D + cols, mask=cols < D, other=0.0)
             stat = rows * J + j
@@ -130,11 +132,11 @@ def _block_grads(
             grad_v += e[:, None] * go + (grad_x * r)[:, None] * w[None, :]
             grad_r += grad_x * z
             tl.store(c_ptr + stat, grad_x * r, mask=row_mask)
+        grad_v -= (grad_r * r * r * r / D)[:, None] * v  # d r / d v = -r^3 v / D
     else:
         for j in range(J):
-            tl.store(c_ptr + rows * J + j, grad_r, mask=row_mask)
+            tl.store(c_ptr + rows * J + j, tl.zeros(row_mask.shape, tl.float32), mask=row_mask)
     tl.store(gb_ptr + tile, grad_v.to(gb_ptr.dtype.element_ty), mask=mask)
-    tl.store(gr_ptr + rows, grad_r, mask=row_mask)
 
 
 # fmt: off
@@ -142,31 +144,29 @@ def _block_grads(
 def _phase_one_backward_kernel(
     w_ptr, m_ptr, gl_ptr, go_ptr,
     b0, b1, b2, b3, b4, b5, b6, b7,
-    r0, r1, r2, r3, r4, r5, r6, r7,
     gb0, gb1, gb2, gb3, gb4, gb5, gb6, gb7,
-    gr0, gr1, gr2, gr3, gr4, gr5, gr6, gr7,
-    s_ptr, c_ptr, M, D, J,
+    s_ptr, c_ptr, M, D, J, eps,
     NUM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Program (row tile): the gradients of NUM completed blocks; the tile's upstream gradients stay in cache."""
     rows, cols, row_mask, mask = _row_tile(tl.program_id(0), M, D, BLOCK_M, BLOCK_D)
     step = M * J  # coefficients are [blocks, M, J]
-    shared = (w_ptr, m_ptr, gl_ptr, go_ptr, rows, cols, row_mask, mask, D, J)
-    _block_grads(b0, r0, _slot_bias(s_ptr, 0, HAS_BIAS), gb0, gr0, c_ptr, *shared)
+    shared = (w_ptr, m_ptr, gl_ptr, go_ptr, rows, cols, row_mask, mask, D, J, eps)
+    _block_grads(b0, _slot_bias(s_ptr, 0, HAS_BIAS), gb0, c_ptr, *shared)
     if NUM > 1:
-        _block_grads(b1, r1, _slot_bias(s_ptr, 1, HAS_BIAS), gb1, gr1, c_ptr + 1 * step, *shared)
+        _block_grads(b1, _slot_bias(s_ptr, 1, HAS_BIAS), gb1, c_ptr + 1 * step, *shared)
     if NUM > 2:
-        _block_grads(b2, r2, _slot_bias(s_ptr, 2, HAS_BIAS), gb2, gr2, c_ptr + 2 * step, *shared)
+        _block_grads(b2, _slot_bias(s_ptr, 2, HAS_BIAS), gb2, c_ptr + 2 * step, *shared)
     if NUM > 3:
-        _block_grads(b3, r3, _slot_bias(s_ptr, 3, HAS_BIAS), gb3, gr3, c_ptr + 3 * step, *shared)
+        _block_grads(b3, _slot_bias(s_ptr, 3, HAS_BIAS), gb3, c_ptr + 3 * step, *shared)
     if NUM > 4:
-        _block_grads(b4, r4, _slot_bias(s_ptr, 4, HAS_BIAS), gb4, gr4, c_ptr + 4 * step, *shared)
+        _block_grads(b4, _slot_bias(s_ptr, 4, HAS_BIAS), gb4, c_ptr + 4 * step, *shared)
     if NUM > 5:
-        _block_grads(b5, r5, _slot_bias(s_ptr, 5, HAS_BIAS), gb5, gr5, c_ptr + 5 * step, *shared)
+        _block_grads(b5, _slot_bias(s_ptr, 5, HAS_BIAS), gb5, c_ptr + 5 * step, *shared)
     if NUM > 6:
-        _block_grads(b6, r6, _slot_bias(s_ptr, 6, HAS_BIAS), gb6, gr6, c_ptr + 6 * step, *shared)
+        _block_grads(b6, _slot_bias(s_ptr, 6, HAS_BIAS), gb6, c_ptr + 6 * step, *shared)
     if NUM > 7:
-        _block_grads(b7, r7, _slot_bias(s_ptr, 7, HAS_BIAS), gb7, gr7, c_ptr + 7 * step, *shared)
+        _block_grads(b7, _slot_bias(s_ptr, 7, HAS_BIAS), gb7, c_ptr + 7 * step, *shared)
 # fmt: on
 
 
@@ -256,25 +256,25 @@ def _chunks(tensors: list[Tensor]) -> list[list[Tensor]]:
 
 @triton_op("attnres_fx::phase_one", mutates_args=())
 def phase_one(
-    weight: Tensor, blocks: list[Tensor], inv_rms: list[Tensor], bias: Tensor | None = None
+    weight: Tensor, blocks: list[Tensor], eps: float, bias: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Phase 1: (running max [..., J], sum [..., J], weighted sum [..., J, d]) of J sublayers over the blocks,
-    each block's logits shifted by `bias` [blocks] if given (-inf: a placeholder, which the sum leaves out)."""
+    """Phase 1: (running max [..., J], sum [..., J], weighted sum [..., J, d]) of J sublayers over the blocks, their
+    keys RMS-normed with `eps`, each block's logits shifted by `bias` [blocks] if given (-inf: a placeholder, which
+    the sum leaves out)."""
     j, d = weight.shape
     lead = blocks[0].shape[:-1]
     rows = [_rows(b) for b in blocks]
-    rms = [r.reshape(-1).contiguous() for r in inv_rms]
     if bias is not None:  # newest first: the newest slot always holds a source, so the running max starts finite
-        rows, rms, bias = rows[::-1], rms[::-1], bias.flip(0).contiguous()
+        rows, bias = rows[::-1], bias.flip(0).contiguous()
     m_rows = rows[0].shape[0]
     m = torch.empty(m_rows, j, device=weight.device, dtype=torch.float32)
     l = torch.empty_like(m)
     o = torch.empty(m_rows, j, d, device=weight.device, dtype=blocks[0].dtype)
     block_m, block_d, warps = _tile(d)
     grid = (j, triton.cdiv(m_rows, block_m))
-    for start, (bs, rs) in enumerate(zip(_chunks(rows), _chunks(rms))):
+    for start, bs in enumerate(_chunks(rows)):
         wrap_triton(_phase_one_kernel)[grid](
-            weight, *bs, *rs, _bias_from(bias, start, weight), m, l, o, m_rows, d, j,
+            weight, *bs, _bias_from(bias, start, weight), m, l, o, m_rows, d, j, eps,
             NUM=min(MAX_BLOCKS, len(rows) - start * MAX_BLOCKS), HAS_INIT=start > 0, HAS_BIAS=bias is not None,
             BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
         )  # fmt: skip
@@ -286,32 +286,28 @@ def phase_one_backward(
     weight: Tensor,
     m: Tensor,
     blocks: list[Tensor],
-    inv_rms: list[Tensor],
+    eps: float,
     grad_l: Tensor,
     grad_o: Tensor,
     bias: Tensor | None = None,
-) -> tuple[list[Tensor], list[Tensor], Tensor]:
-    """Phase 1's gradients: per block (block, inverse RMS), and weight-gradient coefficients [blocks, tokens, J]."""
+) -> tuple[list[Tensor], Tensor]:
+    """Phase 1's gradients: per block, and weight-gradient coefficients [blocks, tokens, J]."""
     j, d = weight.shape
     rows = [_rows(b) for b in blocks]
-    rms = [r.reshape(-1).contiguous() for r in inv_rms]
     m_rows = rows[0].shape[0]
     grad_blocks = [torch.empty_like(b) for b in rows]
-    grad_rms = [torch.empty_like(r) for r in rms]
     m, grad_l, grad_o = m.reshape(m_rows, j).contiguous(), grad_l.reshape(m_rows, j).contiguous(), _rows(grad_o)
     block_m, block_d, warps = _tile(d)
     coefs = []  # one buffer per launch, not views of one: kernels write whole buffers (simpler for Inductor)
-    for start, chunk in enumerate(zip(*(_chunks(t) for t in (rows, rms, grad_blocks, grad_rms)))):
+    for start, (bs, gbs) in enumerate(zip(_chunks(rows), _chunks(grad_blocks))):
         num = min(MAX_BLOCKS, len(rows) - start * MAX_BLOCKS)
         coefs.append(torch.empty(num, m_rows, j, device=weight.device, dtype=torch.float32))
         wrap_triton(_phase_one_backward_kernel)[(triton.cdiv(m_rows, block_m),)](
-            weight, m, grad_l, grad_o, *(t for part in chunk for t in part), _bias_from(bias, start, weight),
-            coefs[-1], m_rows, d, j, NUM=num, HAS_BIAS=bias is not None,
-            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
+            weight, m, grad_l, grad_o, *bs, *gbs, _bias_from(bias, start, weight), coefs[-1], m_rows, d, j, eps,
+            NUM=num, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
         )  # fmt: skip
     lead = blocks[0].shape
-    grad_rms = [g.reshape(r.shape) for g, r in zip(grad_rms, inv_rms)]
-    return [g.reshape(lead) for g in grad_blocks], grad_rms, torch.cat(coefs) if len(coefs) > 1 else coefs[0]
+    return [g.reshape(lead) for g in grad_blocks], torch.cat(coefs) if len(coefs) > 1 else coefs[0]
 
 
 def _bias_from(bias: Tensor | None, launch: int, unused: Tensor) -> Tensor:

@@ -107,34 +107,34 @@ class BlockStats(NamedTuple):
     # (slices of one [..., J, d] tensor would each get a full-size zero-filled gradient, summed by autograd)
     rows: tuple[Tensor, ...]
     weight: Tensor  # [J, d] q * g per sublayer, fp32: the merge scores the partial sum with it too
-    # the blocks and their inverse RMS as later phase-1 calls must read them: aliases through which those calls pass
-    # their gradients back to this one, whose kernel adds them to its own (autograd would sum a block's gradients
-    # from every call that read it in one n-ary sum, which compiled is a kernel per block count)
+    # the blocks as later phase-1 calls must read them: aliases through which those calls pass their gradients back to
+    # this one, whose kernel adds them to its own (autograd would sum a block's gradients from every call that read
+    # it in one n-ary sum, which compiled is a kernel per block count)
     blocks: tuple[Tensor, ...]
-    inv_rms: tuple[Tensor, ...]
 
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def block_scores(
-    blocks: list[Tensor],
-    inv_rms: list[Tensor],
-    queries: list[Tensor],
-    key_weights: list[Tensor],
-    bias: Tensor | None = None,
+    blocks: list[Tensor], queries: list[Tensor], key_weights: list[Tensor], eps: float, bias: Tensor | None = None
 ) -> BlockStats:
-    """Phase 1: score the J sublayers of a block against all completed blocks at once (statistics in fp32).
-    `bias` [blocks], if given, is added to every logit of a block: -inf masks a placeholder slot."""
-    weight = torch.stack([q.float() * g.float() for q, g in zip(queries, key_weights)])  # [J, d]
+    """Phase 1: score the J sublayers of a block against all completed blocks at once (statistics in fp32), each
+    block's keys RMS-normed with `eps` as phase 1 reads it. `bias` [blocks], if given, is added to every logit of a
+    block: -inf masks a placeholder slot."""
+    weight = torch.stack([_as_float(q) * _as_float(g) for q, g in zip(queries, key_weights)])  # [J, d]
     if not torch.is_grad_enabled():  # nothing to keep; and Dynamo (2.14) mis-binds the inputs of a Function with
         # *args when grad mode is off. Compiled without a backward (inference, decoding), Inductor's code for phase 1
         # fuses with its readers and is faster than the C++ operator, whose point is a backward compiled once.
-        stats = _phase_one(weight, bias, blocks, inv_rms, not torch.compiler.is_compiling())
-        return BlockStats(*stats, weight, tuple(blocks), tuple(inv_rms))
-    m, l, *outputs = _block_scores_call(weight, bias, *blocks, *inv_rms)
-    rows, n = outputs[: len(queries)], len(blocks)
-    return BlockStats(m, l, tuple(rows), weight, tuple(outputs[-2 * n : -n]), tuple(outputs[-n:]))
+        stats = _phase_one(weight, bias, blocks, eps, not torch.compiler.is_compiling())
+        return BlockStats(*stats, weight, tuple(blocks))
+    m, l, *outputs = _block_scores_call(weight, bias, eps, *blocks)
+    return BlockStats(m, l, tuple(outputs[: len(queries)]), weight, tuple(outputs[len(queries) :]))
+
+
+def _as_float(x: Tensor) -> Tensor:
+    """`x` in fp32: itself where it is (no dispatch at all, which at decode sizes costs more than the math)."""
+    return x if x.dtype == torch.float32 else x.float()
 
 
 def merge_partial(stats: BlockStats, k: int, partial: Tensor, eps: float) -> Tensor:
@@ -180,17 +180,17 @@ def _weight_grad(grad_logits: Tensor, values: Tensor) -> Tensor:
 
 
 def _phase_one(
-    weight: Tensor, bias: Tensor | None, blocks: Sequence[Tensor], inv_rms: Sequence[Tensor], cpu_kernel: bool = True
+    weight: Tensor, bias: Tensor | None, blocks: Sequence[Tensor], eps: float, cpu_kernel: bool = True
 ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
     """Phase 1's forward: logits per completed block, then the online statistics over all of them (on CPU tensors by
     the C++ kernel, unless `cpu_kernel` is False); (m, l, the weighted sum of each sublayer)."""
     if _on_kernels(blocks[0]):
-        m, l, o = _kernels.phase_one(weight, list(blocks), list(inv_rms), bias)
+        m, l, o = _kernels.phase_one(weight, list(blocks), eps, bias)
         return m, l, o.unbind(-2)
     if cpu_kernel and cpu_kernels.handles(*blocks):
-        return cpu_kernels.phase_one(weight, bias, list(blocks), list(inv_rms))
+        return cpu_kernels.phase_one(weight, bias, list(blocks), eps)
     values = [b.float() for b in blocks]
-    logits = [_keys_dot(v, weight) * r + _bias(bias, i) for i, (v, r) in enumerate(zip(values, inv_rms))]
+    logits = [_keys_dot(v, weight) * inverse_rms(v, eps) + _bias(bias, i) for i, v in enumerate(values)]
     m = functools.reduce(torch.maximum, logits)
     exps = [torch.exp(x - m) for x in logits]
     weighted = functools.reduce(torch.add, (e.unsqueeze(-1) * v.unsqueeze(-2) for e, v in zip(exps, values)))
@@ -202,33 +202,24 @@ def _phase_one_grads(
     bias: Tensor | None,
     m: Tensor,
     blocks: Sequence[Tensor],
-    inv_rms: Sequence[Tensor],
+    eps: float,
     grad_l: Tensor,
     grad_rows: Sequence[Tensor],
     later: Sequence[Tensor | None],
-) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """Phase 1's backward: gradients of (weight, each block, each inverse RMS), given those of (l, each row) and
-    those that later phase-1 calls passed back for (each block, each inverse RMS), added to the blocks' and RMS's."""
-    n = len(blocks)
+) -> tuple[Tensor, list[Tensor]]:
+    """Phase 1's backward: gradients of (weight, each block), given those of (l, each row) and those that later
+    phase-1 calls passed back for each block, added to the blocks'."""
     if cpu_kernels.handles(*blocks):
-        return cpu_kernels.phase_one_backward(
-            weight, bias, m, list(blocks), list(inv_rms), grad_l, list(grad_rows), list(later[:n]), list(later[n:])
-        )
+        return cpu_kernels.phase_one_backward(weight, bias, m, list(blocks), eps, grad_l, list(grad_rows), list(later))
     grad_o = torch.stack(grad_rows, -2)
     if _on_kernels(blocks[0]):
-        grad_blocks, grad_rms, coef = _kernels.phase_one_backward(
-            weight, m, list(blocks), list(inv_rms), grad_l, grad_o, bias
-        )
+        grad_blocks, coef = _kernels.phase_one_backward(weight, m, list(blocks), eps, grad_l, grad_o, bias)
         grad_weight = functools.reduce(torch.add, (_weight_grad(c, b) for c, b in zip(coef, blocks)))
     else:
-        grads = [
-            _source_grads(b, r, _bias(bias, i), weight, m, grad_l, grad_o)
-            for i, (b, r) in enumerate(zip(blocks, inv_rms))
-        ]
-        grad_weight = functools.reduce(torch.add, (g[2] for g in grads))
-        grad_blocks, grad_rms = [g[0] for g in grads], [g[1] for g in grads]
-    grad_blocks = [g if x is None else g + x for g, x in zip(grad_blocks, later[:n])]
-    return grad_weight, grad_blocks, [g if x is None else g + x for g, x in zip(grad_rms, later[n:])]
+        grads = [_source_grads(b, eps, _bias(bias, i), weight, m, grad_l, grad_o) for i, b in enumerate(blocks)]
+        grad_weight = functools.reduce(torch.add, (g[1] for g in grads))
+        grad_blocks = [g[0] for g in grads]
+    return grad_weight, [g if x is None else g + x for g, x in zip(grad_blocks, later)]
 
 
 def _bias(bias: Tensor | None, i: int) -> Tensor | float:
@@ -236,46 +227,45 @@ def _bias(bias: Tensor | None, i: int) -> Tensor | float:
 
 
 class _BlockScores(torch.autograd.Function):
-    """Phase 1. Inputs (weight [J, d], bias [blocks] or None, *blocks, *inv_rms); outputs (m, l, *rows of o, *blocks,
-    *inv_rms): the inputs handed on, for later phase-1 calls to read (`BlockStats.blocks`)."""
+    """Phase 1. Inputs (weight [J, d], bias [blocks] or None, the key norm's eps, *blocks); outputs (m, l, *rows of o,
+    *blocks): the blocks handed on, for later phase-1 calls to read (`BlockStats.blocks`)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, weight: Tensor, bias: Tensor | None, *blocks_and_rms: Tensor
+        ctx, weight: Tensor, bias: Tensor | None, eps: float, *blocks: Tensor
     ) -> tuple[Tensor, ...]:
-        n = len(blocks_and_rms) // 2
-        m, l, rows = _phase_one(weight, bias, blocks_and_rms[:n], blocks_and_rms[n:])
-        ctx.save_for_backward(weight, bias, m, *blocks_and_rms)
+        m, l, rows = _phase_one(weight, bias, blocks, eps)
+        ctx.save_for_backward(weight, bias, m, *blocks)
+        ctx.eps = eps
         ctx.mark_non_differentiable(m)
         ctx.set_materialize_grads(False)  # no gradient from later calls: None, not zeros to add
-        return m, l, *rows, *blocks_and_rms
+        return m, l, *rows, *blocks
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx, _grad_m: Tensor, grad_l: Tensor | None, *grads: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        weight, bias, m, *blocks_and_rms = ctx.saved_tensors
-        n, J = len(blocks_and_rms) // 2, weight.shape[0]
-        blocks = blocks_and_rms[:n]
+        weight, bias, m, *blocks = ctx.saved_tensors
+        J = weight.shape[0]
         grad_l = torch.zeros_like(m) if grad_l is None else grad_l
         grad_rows = [torch.zeros_like(blocks[0]) if g is None else g for g in grads[:J]]
-        grad_weight, grad_blocks, grad_rms = _phase_one_grads(
-            weight, bias, m, blocks, blocks_and_rms[n:], grad_l, grad_rows, grads[J:]
-        )
-        return grad_weight, None, *grad_blocks, *grad_rms
+        grad_weight, grad_blocks = _phase_one_grads(weight, bias, m, blocks, ctx.eps, grad_l, grad_rows, grads[J:])
+        return grad_weight, None, None, *grad_blocks
 
 
 def _source_grads(
-    b: Tensor, r: Tensor, bias: Tensor | float, weight: Tensor, m: Tensor, grad_l: Tensor, grad_o: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Phase 1's gradients for one completed block: (block, its inverse RMS, weight contribution)."""
+    b: Tensor, eps: float, bias: Tensor | float, weight: Tensor, m: Tensor, grad_l: Tensor, grad_o: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Phase 1's gradients for one completed block: (block, weight contribution), the block's through its keys'
+    inverse RMS too."""
     v = b.float()
-    z = _keys_dot(v, weight)
+    z, r = _keys_dot(v, weight), inverse_rms(v, eps)
     e = torch.exp(z * r + bias - m)
     grad_x = (grad_l + (grad_o * v.unsqueeze(-2)).sum(-1)) * e
     grad_xr = grad_x * r
-    grad_v = (e.unsqueeze(-1) * grad_o + grad_xr.unsqueeze(-1) * weight).sum(-2)
-    return grad_v.to(b.dtype), (grad_x * z).sum(-1, keepdim=True), _weight_grad(grad_xr, v)
+    grad_r = (grad_x * z).sum(-1, keepdim=True)
+    grad_v = (e.unsqueeze(-1) * grad_o + grad_xr.unsqueeze(-1) * weight).sum(-2) - grad_r * r.pow(3) * v / v.shape[-1]
+    return grad_v.to(b.dtype), _weight_grad(grad_xr, v)
 
 
 class _Merge(torch.autograd.Function):
@@ -337,7 +327,8 @@ def _merge_terms(
 
 
 def _normalize(l: Tensor, o: Tensor, dtype: torch.dtype) -> Tensor:
-    return (o.float() / l.unsqueeze(-1)).to(dtype)
+    out = _as_float(o) / l.unsqueeze(-1)
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 class _Normalize(torch.autograd.Function):

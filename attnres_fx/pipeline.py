@@ -119,7 +119,7 @@ class _StageForward:
         kept = self.cache.reuse(self.index, boundary.cached) if boundary.cached else []
         partial = received[count] if boundary.partial else None
         slots = self.runtime.bank_slots(self.first_layer)
-        return state.from_sources([*kept, *received[:count]], self.runtime.key_eps, partial, slots)
+        return state.from_sources([*kept, *received[:count]], partial, slots)
 
 
 def _boundary(runtime: DepthRuntime, site: int) -> _Boundary:

@@ -40,55 +40,46 @@ class DepthState:
     """The stream between two layers."""
 
     blocks: tuple[Tensor, ...]  # the stream start and the completed blocks, oldest first (after placeholders)
-    inv_rms: dict[float, tuple[Tensor, ...]]  # per key-norm eps, per slot (two-phase only)
     partial: Tensor | None  # the current block's partial sum; None right after a block completed
-    scores: dict[float, BlockScores] | None  # per eps: the open block's phase 1
+    scores: dict[float, BlockScores] | None  # per key-norm eps: the open block's phase 1
     bias: Tensor | None = None  # a fixed-size bank's [slots] fp32 mask: 0 for a source, -inf for a placeholder
     next_site: int = 0  # the sublayer that reads this state next (which call of a module called at several depths)
 
-    def sources(self, eps: float | None = None) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
-        """(blocks, their inverse RMS for `eps`, the bias that masks placeholders, if any)."""
-        return list(self.blocks), list(self.inv_rms[eps]) if eps is not None else [], self.bias
+    def sources(self) -> tuple[list[Tensor], Tensor | None]:
+        """(blocks, the bias that masks placeholders, if any)."""
+        return list(self.blocks), self.bias
 
-    def completed(self, block: Tensor, eps: tuple[float, ...]) -> DepthState:
+    def completed(self, block: Tensor) -> DepthState:
         """The state after `block` completed: the newest slot; a fixed-size bank drops its oldest placeholder."""
         drop = 0 if self.bias is None else 1
-        inv_rms = {e: (*self.inv_rms[e][drop:], ops.inverse_rms(block, e)) for e in eps}
         bias = None if self.bias is None else torch.cat([self.bias[1:], self.bias.new_zeros(1)])
-        return DepthState((*self.blocks[drop:], block), inv_rms, None, None, bias, self.next_site)
+        return DepthState((*self.blocks[drop:], block), None, None, bias, self.next_site)
 
     def moved(self, partial: Tensor | None, scores: dict[float, BlockScores] | None, next_site: int) -> DepthState:
         """This bank with the current block's partial sum and phase 1: what a layer hands the next."""
-        return DepthState(self.blocks, self.inv_rms, partial, scores, self.bias, next_site)
+        return DepthState(self.blocks, partial, scores, self.bias, next_site)
 
-    def reading(self, stats: ops.BlockStats, eps: float) -> DepthState:
-        """This state with the sources that phase 1 read (its newest blocks, and their inverse RMS for `eps`) replaced
-        by the aliases it handed on (`ops.BlockStats.blocks`), for later phase-1 calls to read."""
-        n, rms = len(stats.blocks), self.inv_rms[eps]
-        blocks = (*self.blocks[: len(self.blocks) - n], *stats.blocks)
-        inv_rms = {**self.inv_rms, eps: (*rms[: len(rms) - n], *stats.inv_rms)}
-        return replace(self, blocks=blocks, inv_rms=inv_rms)
+    def reading(self, stats: ops.BlockStats) -> DepthState:
+        """This state with the sources that phase 1 read (its newest blocks) replaced by the aliases it handed on
+        (`ops.BlockStats.blocks`), for later phase-1 calls to read."""
+        return replace(self, blocks=(*self.blocks[: len(self.blocks) - len(stats.blocks)], *stats.blocks))
 
     def in_bank(self, slots: int) -> DepthState:
         """This state in a fixed-size bank of `slots`: zero placeholders before its blocks, masked by a -inf bias."""
         empty, like = slots - len(self.blocks), self.blocks[0]
         # one allocation each: placeholders that share storage are one tensor to a compiled layer's autograd Functions
         placeholders = tuple(tracked(like.new_zeros(like.shape), like) for _ in range(empty))
-        inv_rms = {
-            e: (*(tracked(ops.inverse_rms(p, e), like) for p in placeholders), *rms) for e, rms in self.inv_rms.items()
-        }
         bias = torch.zeros(slots, device=like.device)
         bias[:empty] = float("-inf")
-        return replace(self, blocks=(*placeholders, *self.blocks), inv_rms=inv_rms, bias=bias)
+        return replace(self, blocks=(*placeholders, *self.blocks), bias=bias)
 
 
 def from_sources(
-    sources: list[Tensor], eps: tuple[float, ...], partial: Tensor | None, slots: int | None = None, next_site: int = 0
+    sources: list[Tensor], partial: Tensor | None, slots: int | None = None, next_site: int = 0
 ) -> DepthState:
     """A state holding `sources` (the stream start and the completed blocks, oldest first) and `partial`, read next
     by sublayer `next_site`; with `slots`, a fixed-size bank of that many."""
-    inv_rms = {e: tuple(ops.inverse_rms(s, e) for s in sources) for e in eps}
-    depth = DepthState(tuple(sources), inv_rms, partial, None, next_site=next_site)
+    depth = DepthState(tuple(sources), partial, None, next_site=next_site)
     return depth if slots is None else depth.in_bank(slots)
 
 

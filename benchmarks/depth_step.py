@@ -53,8 +53,8 @@ def copy_bandwidth(numel: int, device: str, dtype: torch.dtype, repeats: int) ->
     return 2 * numel * src.element_size() / seconds
 
 
-def two_phase_block(blocks, inv_rms, queries, key_weights, partials):
-    stats = ops.block_scores(blocks, inv_rms, queries, key_weights)
+def two_phase_block(blocks, queries, key_weights, partials):
+    stats = ops.block_scores(blocks, queries, key_weights, EPS)
     outs = [ops.completed_only(stats, 0, blocks[0])]
     for k, p in enumerate(partials, start=1):
         outs.append(ops.merge_partial(stats, k, p, EPS))
@@ -86,7 +86,6 @@ def run(tokens: int, d: int, completed: int, block_size: int, device: str, dtype
     partials = [rand(tokens, d) for _ in range(block_size - 1)]
     queries = [rand(d) * 0.3 for _ in range(block_size)]
     key_weights = [1 + rand(d) * 0.1 for _ in range(block_size)]
-    inv_rms = [ops.inverse_rms(b, EPS) for b in blocks]
     stream, deltas = rand(tokens, d), [rand(tokens, d) for _ in range(block_size)]
     elem = blocks[0].element_size()
 
@@ -95,7 +94,7 @@ def run(tokens: int, d: int, completed: int, block_size: int, device: str, dtype
     adds = torch.compile(residual_adds, dynamic=False)
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2  # bf16: two roundings of 2^-8 (see tests/test_kernels.py)
     torch.testing.assert_close(
-        two_phase(blocks, inv_rms, queries, key_weights, partials),
+        two_phase(blocks, queries, key_weights, partials),
         plain(blocks, queries, key_weights, partials),
         rtol=tolerance,
         atol=tolerance,
@@ -113,7 +112,7 @@ def run(tokens: int, d: int, completed: int, block_size: int, device: str, dtype
     seconds = {}
     for name, routing in two_phase_variants.items():
         with routing:
-            seconds[name] = timed(lambda: two_phase(blocks, inv_rms, queries, key_weights, partials), device, repeats)
+            seconds[name] = timed(lambda: two_phase(blocks, queries, key_weights, partials), device, repeats)
     seconds["plain (stack per sublayer)"] = timed(
         lambda: plain(blocks, queries, key_weights, partials), device, repeats
     )

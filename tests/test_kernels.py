@@ -80,9 +80,8 @@ def two_phase_block(blocks, partials, queries, key_weights, cotangents, empty=0)
     phase 1 also reads that many zero placeholders before the blocks, masked by a -inf bias (a layer's fixed-size
     bank, see `state.py`)."""
     slots = [torch.zeros_like(blocks[0]) for _ in range(empty)] + blocks
-    inv_rms = [ops.inverse_rms(b, EPS) for b in slots]
     bias = torch.tensor([float("-inf")] * empty + [0.0] * len(blocks), device=blocks[0].device) if empty else None
-    stats = ops.block_scores(slots, inv_rms, queries, key_weights, bias)
+    stats = ops.block_scores(slots, queries, key_weights, EPS, bias)
     outs = [ops.completed_only(stats, 0, blocks[0])]
     outs += [ops.merge_partial(stats, k, p, EPS) for k, p in enumerate(partials, 1)]
     leaves = [*blocks, *partials, *queries, *key_weights]
@@ -150,11 +149,10 @@ def test_gradients_passed_back_through_handed_on_blocks_are_added(on_kernels, fa
     leaves = [*slots, *partials, *queries, *key_weights]
     results = []
     for handed_on in (True, False):
-        inv_rms = [ops.inverse_rms(b, EPS) for b in slots]
-        first = ops.block_scores(slots, inv_rms, queries[:1], key_weights[:1], bias)
-        read = (list(first.blocks), list(first.inv_rms)) if handed_on else (slots, inv_rms)
-        later = ops.block_scores(read[0] + [partials[0]], read[1] + [ops.inverse_rms(partials[0], EPS)],
-                                 queries[1:], key_weights[1:], None if bias is None else torch.cat([bias, bias[-1:]]))
+        first = ops.block_scores(slots, queries[:1], key_weights[:1], EPS, bias)
+        read = list(first.blocks) if handed_on else slots
+        later = ops.block_scores(read + [partials[0]], queries[1:], key_weights[1:], EPS,
+                                 None if bias is None else torch.cat([bias, bias[-1:]]))
         outs = [ops.completed_only(first, 0, blocks[0]), ops.completed_only(later, 0, blocks[0])]
         loss = sum((o * c).sum() for o, c in zip(outs, cotangents))
         results.append(torch.autograd.grad(loss, leaves, allow_unused=True))
@@ -298,7 +296,7 @@ def test_tensor_subclasses_are_left_to_the_torch_code() -> None:
     with torch.no_grad():
         for wrap in (lambda t: t, lambda t: TwoTensor(t, t.clone())):
             sources = [wrap(b.detach()) for b in blocks]
-            stats = ops.block_scores(sources, [ops.inverse_rms(s, EPS) for s in sources], queries, key_weights)
+            stats = ops.block_scores(sources, queries, key_weights, EPS)
             results.append(ops.merge_partial(stats, 1, wrap(partials[0].detach()), EPS))
     plain, wrapped = results
     assert isinstance(wrapped, TwoTensor)
