@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -63,9 +63,29 @@ class LayerProgram:
     output_index: int | None
     returns_stream: bool  # False: its output is not the stream (the final norm reads the stream inside it)
     last: bool  # the mix it returns, or its last norm reads, is the final aggregation
+    # per offset: the phase-1 calls that score its block from there, as (eps, the parameters' indices, the positions
+    # in the block they score), worked out once here rather than in the code that Dynamo traces at every layer
+    scoring: tuple[tuple[tuple[float, tuple[int, ...], tuple[int, ...]], ...], ...] = field(
+        init=False, compare=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scoring", tuple(self._scoring(o) for o in range(len(self.eps) + 1)))
 
     def position(self, offset: int) -> int:
         return (self.first_position + offset) % self.block_size
+
+    def _scoring(self, offset: int) -> tuple[tuple[float, tuple[int, ...], tuple[int, ...]], ...]:
+        """Offsets from `offset` to the end of its block, grouped by key-norm eps. Offset 0 is scored only at the
+        stream's start, with the next sublayer's parameters: its row is never read (see `DepthRuntime._score`)."""
+        last = min(offset + self.block_size - self.position(offset) - 1, len(self.eps))
+        groups: dict[float, list[int]] = {}
+        for o in range(offset, last + 1):
+            groups.setdefault(self.eps[max(o, 1) - 1], []).append(o)
+        return tuple(
+            (eps, tuple(max(o, 1) - 1 for o in offsets), tuple(self.position(o) for o in offsets))
+            for eps, offsets in groups.items()
+        )
 
 
 class DepthRuntime:
@@ -327,16 +347,12 @@ class DepthRuntime:
         the state that reads its sources through what phase 1 handed on (`ops.BlockStats.blocks`).
         Offset 0 is scored only at the stream's start, where sublayer 0 (one source, no parameters) reads the start
         itself: its row, computed with the next sublayer's parameters, is never read (and passes back no gradient)."""
-        last = min(offset + program.block_size - program.position(offset) - 1, len(program.eps))
-        groups: dict[float, list[int]] = {}
-        for o in range(offset, last + 1):
-            groups.setdefault(program.eps[max(o, 1) - 1], []).append(o)
         scores = {}
-        for eps, offsets in groups.items():
+        for eps, indices, positions in program.scoring[offset]:
             blocks, bias = depth.sources()
-            weights = [site_weights(params[max(o, 1) - 1]) for o in offsets]
+            weights = [site_weights(params[i]) for i in indices]
             stats = ops.block_scores(blocks, [w[0] for w in weights], [w[1] for w in weights], eps, bias)
-            scores[eps] = BlockScores(tuple(program.position(o) for o in offsets), stats)
+            scores[eps] = BlockScores(positions, stats)
             depth = depth.reading(stats)
         return scores, depth
 

@@ -15,7 +15,7 @@ compiles once. Elsewhere (eager, the whole model compiled) the bank holds the bl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,7 +62,7 @@ class DepthState:
     def reading(self, stats: ops.BlockStats) -> DepthState:
         """This state with the sources that phase 1 read (its newest blocks) replaced by the aliases it handed on
         (`ops.BlockStats.blocks`), for later phase-1 calls to read."""
-        return replace(self, blocks=(*self.blocks[: len(self.blocks) - len(stats.blocks)], *stats.blocks))
+        return self._with_blocks((*self.blocks[: len(self.blocks) - len(stats.blocks)], *stats.blocks), self.bias)
 
     def in_bank(self, slots: int) -> DepthState:
         """This state in a fixed-size bank of `slots`: zero placeholders before its blocks, masked by a -inf bias."""
@@ -71,7 +71,11 @@ class DepthState:
         placeholders = tuple(tracked(like.new_zeros(like.shape), like) for _ in range(empty))
         bias = torch.zeros(slots, device=like.device)
         bias[:empty] = float("-inf")
-        return replace(self, blocks=(*placeholders, *self.blocks), bias=bias)
+        return self._with_blocks((*placeholders, *self.blocks), bias)
+
+    def _with_blocks(self, blocks: tuple[Tensor, ...], bias: Tensor | None) -> DepthState:
+        # not `dataclasses.replace`: its introspection is most of the bytecode Dynamo traces for a state
+        return DepthState(blocks, self.partial, self.scores, bias, self.next_site)
 
 
 def from_sources(
