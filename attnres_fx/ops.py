@@ -124,12 +124,25 @@ def block_scores(
     block: -inf masks a placeholder slot."""
     weight = torch.stack([_as_float(q) * _as_float(g) for q, g in zip(queries, key_weights)])  # [J, d]
     if not torch.is_grad_enabled():  # nothing to keep; and Dynamo (2.14) mis-binds the inputs of a Function with
-        # *args when grad mode is off. Compiled without a backward (inference, decoding), Inductor's code for phase 1
-        # fuses with its readers and is faster than the C++ operator, whose point is a backward compiled once.
-        stats = _phase_one(weight, bias, blocks, eps, not torch.compiler.is_compiling())
+        # *args when grad mode is off
+        stats = _phase_one(weight, bias, blocks, eps, _operator_pays(blocks[0]))
         return BlockStats(*stats, weight, tuple(blocks))
     m, l, *outputs = _block_scores_call(weight, bias, eps, *blocks)
     return BlockStats(m, l, tuple(outputs[: len(queries)]), weight, tuple(outputs[len(queries) :]))
+
+
+# Compiled without a backward (inference, decoding), the C++ phase-1 operator costs a fixed ~15 us a call (the
+# dispatcher and its Python wrapper), where Inductor's code for phase 1 fuses with its readers: decoding one token at a
+# time, it made a step 1.24x the original's against 1.11x (`benchmarks.generate --compiled`). From this many tokens a
+# call on, its one pass over the blocks runs as fast as Inductor's code (the suite's small size, 512 tokens), and it
+# compiles once for every block count (Inductor's code is a kernel per block count: the suite's inference compile went
+# from 1.8-2.4x the original's to 1.4x).
+_COMPILED_OPERATOR_TOKENS = 128
+
+
+def _operator_pays(block: Tensor) -> bool:
+    """Whether phase 1 without a backward runs on the C++ operator (where it handles the blocks)."""
+    return not torch.compiler.is_compiling() or block.numel() >= _COMPILED_OPERATOR_TOKENS * block.shape[-1]
 
 
 def _as_float(x: Tensor) -> Tensor:

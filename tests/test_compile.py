@@ -56,6 +56,26 @@ def test_compiled_training_step_matches_eager(arch: str, monkeypatch) -> None:
         assert zoo.rel_err(grads_c[name], grads_e[name]) < 1e-5, name
 
 
+@pytest.mark.parametrize("seq", [64, 8], ids=["128 tokens", "decoding sizes"])
+def test_compiled_inference_runs_phase_one_on_the_operator_from_128_tokens(seq: int, monkeypatch) -> None:
+    """Without autograd, a compiled graph runs phase 1 on the C++ operator where a call has 128 tokens or more (one
+    kernel for every block count), and as Inductor's torch code below (decoding: the operator's fixed cost per call
+    would dominate); the same outputs as eager either way."""
+    torch._dynamo.reset()
+    tmodel = attnres_fx.transform(zoo.llama(layers=zoo.COMPILE_LAYERS), block_size=2).eval()
+    with torch.no_grad():
+        for p in tmodel.attnres.parameters():
+            p.normal_(std=0.3)
+        ids = zoo.token_ids(seq=seq)
+        expected = tmodel(input_ids=ids).logits
+        launched = set()
+        launch = cpu_kernels._launch
+        monkeypatch.setattr(cpu_kernels, "_launch", lambda op, *a, **k: launched.add(op) or launch(op, *a, **k))
+        out = torch.compile(tmodel, fullgraph=True)(input_ids=ids).logits
+    assert launched == ({cpu_kernels._PHASE_ONE} if ids.numel() >= 128 else set())
+    assert zoo.rel_err(out, expected) < 1e-5
+
+
 def test_dynamo_hands_the_depth_attention_functions_to_aotautograd_as_calls() -> None:
     """Dynamo traced each call of the depth attention's autograd Functions, forward and backward (2 of the 3.5 s of
     Dynamo's tracing of the 8-layer benchmark model): its graph now holds the calls, which AOTAutograd traces."""
