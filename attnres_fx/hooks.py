@@ -76,8 +76,8 @@ class LayerProgram:
         return (self.first_position + offset) % self.block_size
 
     def _scoring(self, offset: int) -> tuple[tuple[float, tuple[int, ...], tuple[int, ...]], ...]:
-        """Offsets from `offset` to the end of its block, grouped by key-norm eps. Offset 0 is scored only at the
-        stream's start, with the next sublayer's parameters: its row is never read (see `DepthRuntime._score`)."""
+        """Offsets from `offset` to the end of its block, grouped by key-norm eps (offset 0 with the parameters of
+        offset 1: see `DepthRuntime._score`)."""
         last = min(offset + self.block_size - self.position(offset) - 1, len(self.eps))
         groups: dict[float, list[int]] = {}
         for o in range(offset, last + 1):

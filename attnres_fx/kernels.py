@@ -178,7 +178,7 @@ def _merge_terms(m_ptr, l_ptr, p_ptr, w_ptr, rows, cols, row_mask, mask, D, stri
     m = tl.load(m_ptr + rows * stride_s, mask=row_mask, other=0.0)
     l = tl.load(l_ptr + rows * stride_s, mask=row_mask, other=1.0)
     dot = tl.sum(p * w[None, :], 1)
-    r = 1.0 / tl.sqrt(tl.sum(p * p, 1) / D + eps)
+    r = _inverse_rms(p, D, eps)
     s = dot * r
     top = tl.maximum(m, s)
     a, b = tl.exp(m - top), tl.exp(s - top)
