@@ -81,7 +81,8 @@ constexpr int64_t G = 4;
 
 // Phase 1 per token t: m[t, j], l[t, j] and row j's o[t, :] over the n blocks for each of the J weights: the logits of
 // all blocks and their exponentials, then per feature chunk the weighted sums of G rows at a time, in registers over
-// the blocks (one read of each block's chunk per G rows, one write of each row's).
+// the blocks (one read of each block's chunk per G rows, one write of each row's). Without m and l (null), each row
+// is the softmax-weighted sum itself: the depth mix over these sources.
 template <typename T>
 static void forward(const float* w, const float* bias, const int64_t* blocks, int64_t n, int64_t M, int64_t D,
                     int64_t J, float eps, float* m_out, float* l_out, const int64_t* rows, int64_t threads) {
@@ -104,11 +105,14 @@ static void forward(const float* w, const float* bias, const int64_t* blocks, in
             for (int64_t j = 0; j < J; ++j) {
                 float m = *std::max_element(x.begin() + j * N, x.begin() + (j + 1) * N);
                 std::fill(top.begin() + j * N, top.begin() + (j + 1) * N, m);
-                m_out[t * J + j] = m;
+                if (m_out) m_out[t * J + j] = m;
             }
             exp_shifted(x.data(), top.data(), J * N);
-            for (int64_t j = 0; j < J; ++j)
-                l_out[t * J + j] = std::accumulate(x.begin() + j * N, x.begin() + (j + 1) * N, 0.f);
+            for (int64_t j = 0; j < J; ++j) {
+                float l = std::accumulate(x.begin() + j * N, x.begin() + (j + 1) * N, 0.f);
+                if (l_out) l_out[t * J + j] = l;
+                else for (int64_t a = 0; a < N; ++a) x[j * N + a] /= l;  // no statistics asked: the softmax itself
+            }
             for (int64_t j0 = 0; j0 < J; j0 += G) {
                 const int64_t g = std::min(G, J - j0);
                 for (int64_t k = 0; k < D; k += W) {
@@ -265,7 +269,16 @@ struct Args {
 
 template <typename T>
 static void run(int64_t op, Args a, float eps, int64_t threads) {
-    if (op == 0 || op == 1) {  // phase 1: n, M, D, J, weight, bias (0: none), m, then per op below
+    if (op == 4) {  // one sublayer's mix: n, M, D, query, key weight (both fp32), bias (0: none), out, sources
+        int64_t n = a.num(), M = a.num(), D = a.num();
+        const float* q = a.ptr<const float>();
+        const float* g = a.ptr<const float>();
+        std::vector<float> w(D);
+        for (int64_t k = 0; k < D; ++k) w[k] = q[k] * g[k];
+        const float* bias = a.ptr<const float>();
+        const int64_t* out = a.list(1);
+        forward<T>(w.data(), bias, a.list(n), n, M, D, 1, eps, nullptr, nullptr, out, threads);
+    } else if (op == 0 || op == 1) {  // phase 1: n, M, D, J, weight, bias (0: none), m, then per op below
         int64_t n = a.num(), M = a.num(), D = a.num(), J = a.num();
         const float* w = a.ptr<const float>();
         const float* bias = a.ptr<const float>();
@@ -309,13 +322,13 @@ static void run(int64_t op, Args a, float eps, int64_t threads) {
 
 # The entry point, built once per dtype (the model's: a build for all three would take ten times as long).
 _ENTRY = """
-// op 0: phase 1, 1: its backward, 2: the merge, 3: its backward.
+// op 0: phase 1, 1: its backward, 2: the merge, 3: its backward, 4: one sublayer's mix.
 extern "C" void kernel(int64_t op, uintptr_t args, float eps, int64_t threads) {
     run<%s>(op, Args{reinterpret_cast<const int64_t*>(args)}, eps, threads);
 }
 """
 _ARGTYPES = ["int64_t", "uintptr_t", "float", "int64_t"]  # the arguments' array by address
-_PHASE_ONE, _PHASE_ONE_BACKWARD, _MERGE, _MERGE_BACKWARD = range(4)
+_PHASE_ONE, _PHASE_ONE_BACKWARD, _MERGE, _MERGE_BACKWARD, _MIX = range(5)
 
 _kernels: dict[torch.dtype, Callable[..., None]] = {}
 _unbuildable: bool = False  # the C++ toolchain failed once: torch ops compute from then on
@@ -364,6 +377,10 @@ def _launch(
             flat.append(arg.data_ptr() if isinstance(arg, Tensor) else arg or 0)
     if not build(dtype):
         raise RuntimeError("attnres_fx: the CPU depth-attention kernel could not be built (see the warning above).")
+    _call(op, dtype, flat, eps)
+
+
+def _call(op: int, dtype: torch.dtype, flat: list[int], eps: float) -> None:
     packed = array.array("q", flat)
     _kernels[dtype](op, packed.buffer_info()[0], eps, torch.get_num_threads())
 
@@ -436,6 +453,23 @@ def phase_one(
     op = torch.ops.attnres_fx.cpu_phase_one if _traced() else _phase_one
     op(weight, bias, blocks, eps, m, l, rows)
     return m, l, tuple(rows)
+
+
+def mix(sources: list[Tensor], query: Tensor, key_weight: Tensor, bias: Tensor | None, eps: float) -> Tensor | None:
+    """One sublayer's depth mix over `sources` in one call, without autograd or a compiler (the caller's to know):
+    phase 1 of that sublayer alone, asked for no statistics, so its row is normalised. None where the kernel does not
+    handle the sources (see `handles`). Written for decoding, where this Python is most of a site's time: the kernel
+    takes the weights as they are (fp32 parameters) or as fp32 copies, and the output is its first source's shape."""
+    if not handles(*sources) or not query.is_cpu:
+        return None
+    first = sources[0]
+    sources = [s.contiguous() for s in sources]  # held until the kernel has read them
+    query, key_weight = query.float().contiguous(), key_weight.float().contiguous()
+    D, out = first.shape[-1], torch.empty_like(sources[0])  # contiguous, as sources[0] now is
+    bias_address = 0 if bias is None else bias.contiguous().data_ptr()
+    head = [len(sources), first.numel() // D, D, query.data_ptr(), key_weight.data_ptr(), bias_address, out.data_ptr()]
+    _call(_MIX, first.dtype, head + [s.data_ptr() for s in sources], eps)
+    return out
 
 
 def phase_one_backward(

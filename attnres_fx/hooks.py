@@ -183,13 +183,13 @@ class DepthRuntime:
         program = plan.program
         entry = _LayerEntry(forward, plan, x, depth)
         self._local.call, self._local.recomputing = _LayerCall(entry), None
-        partial, fresh = depth.partial, depth.partial is None
+        partial, fresh, compiling = depth.partial, depth.partial is None, torch.compiler.is_compiling()
         if fresh:  # a block starts with the layer: zeros, with (eager) a node that the call is found on
-            partial = torch.zeros_like(x) if torch.compiler.is_compiling() else state.tracked(torch.zeros_like(x), x)
+            partial = torch.zeros_like(x) if compiling else state.tracked(torch.zeros_like(x), x)
         # its own tensor, in any case (a copy where the layer adds in place: `partial` may be a Function's view)
         handed = partial.clone() if program.in_place else partial if fresh else partial.view_as(partial)
-        if not torch.compiler.is_compiling():
-            state.attach(handed, entry, state.CALL)  # a tensor of this call alone: see `_current_call`
+        if not compiling and torch.is_grad_enabled():  # what a backward's recomputation finds: see `_current_call`
+            state.attach(handed, entry, state.CALL)  # (a tensor of this call alone)
         return _put(args, kwargs, program.stream_arg, handed)
 
     def read(self, offsets: tuple[int, ...], module: nn.Module, args: tuple) -> tuple | None:
@@ -271,7 +271,7 @@ class DepthRuntime:
     def start(self, x: Tensor, first: _DepthForward) -> DepthState:
         """The state at the stream's start `x`, with the first block scored for the sublayers after the first."""
         depth = state.from_sources([self._features_last(x)], None)
-        if self._uses_two_phase():  # the whole block, as where any other block opens, from the start alone
+        if self._uses_two_phase(x):  # the whole block, as where any other block opens, from the start alone
             plan = first.plans[0]
             scores, depth = self._score(depth, plan.program, plan.params, 0)
             depth.scores = scores
@@ -310,20 +310,19 @@ class DepthRuntime:
 
     def _mix(self, call: _LayerCall, offset: int, partial: Tensor | None) -> Tensor:
         """The depth mix of sublayer `offset`, in the stream's layout."""
+        if self.feature_dim == -1:  # channels last already: no views
+            return self._attend(call, offset, partial)
         partial = None if partial is None else self._features_last(partial)
-        return self._features_back(self._attend(call, offset, partial))
+        return self._attend(call, offset, partial).movedim(-1, self.feature_dim)
 
     def _features_last(self, x: Tensor) -> Tensor:
         """A channels-first stream value with its channels last (a view), as depth attention computes over them."""
         return x if self.feature_dim == -1 else x.movedim(self.feature_dim, -1)
 
-    def _features_back(self, x: Tensor) -> Tensor:
-        return x if self.feature_dim == -1 else x.movedim(-1, self.feature_dim)
-
     def _attend(self, call: _LayerCall, offset: int, partial: Tensor | None) -> Tensor:
         program, depth = call.program, call.depth
         eps = program.eps[offset - 1]
-        if not self._uses_two_phase():
+        if not self._uses_two_phase(depth.blocks[-1]):
             query, key_weight = site_weights(call.params[offset - 1])
             blocks, bias = depth.sources()
             if partial is not None:
@@ -356,8 +355,9 @@ class DepthRuntime:
             depth = depth.reading(stats)
         return scores, depth
 
-    def _uses_two_phase(self) -> bool:
-        return self.two_phase and not ops.is_recording()
+    def _uses_two_phase(self, x: Tensor) -> bool:
+        """Whether the mixes of stream value `x` (one call's tokens) are computed in two phases."""
+        return self.two_phase and not ops.is_recording() and not ops.plain_pays(x)
 
 
 @dataclass(frozen=True)

@@ -56,8 +56,13 @@ def depth_attention(
     """Softmax attention over depth, the plain way: stack the sources and attend.
 
     h = sum_i softmax_i(q . (g * rmsnorm(v_i)) + bias_i) * v_i, per token; `bias` [sources] masks placeholder
-    slots with -inf (see `state.py`).
+    slots with -inf (see `state.py`). With nothing to differentiate or trace, on CPU tensors the C++ kernel computes
+    it in one call.
     """
+    if _record is None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        out = cpu_kernels.mix(sources, query, key_weight, bias, eps)
+        if out is not None:
+            return out
     values = torch.stack(sources).float()
     keys = values * inverse_rms(values, eps) * key_weight.float()
     logits = (keys * query.float()).sum(-1)
@@ -67,6 +72,22 @@ def depth_attention(
     if _record is not None:
         _record.append(SiteRecord(weights.detach(), [s.detach() for s in sources]))
     return (weights.unsqueeze(-1) * values).sum(0).to(sources[0].dtype)
+
+
+# Without autograd, a site's plain mix is one C++ call over its sources, where the two phases are two calls (phase 1 at
+# the block's opening, the merge) and a dozen torch ops around them per sublayer, each costing more than its math when
+# a call holds few tokens: decoding a token at a time went from 1.41x the original's time per token to 1.28x
+# (`benchmarks.generate`). Phase 1's one read of each block for all of the block's sublayers wins from many tokens on:
+# eager forwards of a 32-layer Llama (d=256, 8 blocks of 8 sublayers) took 0.92-0.97x the two phases' time on the plain
+# mix up to 256 tokens, 1.11x at 1024.
+_PLAIN_TOKENS = 64
+
+
+def plain_pays(x: Tensor) -> bool:
+    """Whether the plain form computes the depth mixes of stream value `x` at less cost than the two phases: with
+    nothing to differentiate or trace, on CPU tensors (the kernel's), for a few tokens."""
+    few = x.numel() <= _PLAIN_TOKENS * x.shape[-1] and x.is_cpu
+    return few and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 def is_recording() -> bool:

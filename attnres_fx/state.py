@@ -91,7 +91,7 @@ def attach(x: Tensor, value: object, key: str) -> None:
     """Let `x` carry `value` under `key` (and its autograd node, for copies made by saved-tensor hooks). `value` must
     hold only what `x` was computed from, or things beside it: no reference cycle through the autograd graph."""
     setattr(x, key, value)
-    if not torch.compiler.is_compiling() and x.grad_fn is not None:
+    if not torch.compiler.is_compiling() and x.grad_fn is not None:  # in this order: Dynamo cannot read grad_fn
         x.grad_fn.metadata[key] = value
 
 

@@ -301,3 +301,42 @@ def test_tensor_subclasses_are_left_to_the_torch_code() -> None:
     plain, wrapped = results
     assert isinstance(wrapped, TwoTensor)
     assert err(wrapped.a, plain) < 1e-5 and err(wrapped.b, plain) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("empty", [0, 2], ids=["blocks", "placeholders"])
+def test_one_call_mix_equals_the_torch_mix(monkeypatch, dtype, empty) -> None:
+    """Without autograd the C++ kernel computes a site's plain mix in one call: what the torch code computes, also
+    over a source that is not contiguous and with placeholder slots that a -inf bias masks."""
+    blocks, partials, queries, key_weights, _ = block_inputs((3, 7), 96, 3, 2, dtype, dtype, "cpu")
+    sources = [torch.zeros_like(blocks[0]) for _ in range(empty)] + [s.detach() for s in (*blocks, partials[0])]
+    sources[-2] = sources[-2].transpose(0, 1).contiguous().transpose(0, 1)  # the same values, strided
+    bias = torch.tensor([float("-inf")] * empty + [0.0] * (len(sources) - empty)) if empty else None
+    query, key_weight = queries[1].detach(), key_weights[1].detach()
+    with torch.no_grad():
+        kernel = cpu_kernels.mix(sources, query, key_weight, bias, EPS)
+        monkeypatch.setattr(cpu_kernels, "handles", lambda *x: False)
+        torch_code = ops.depth_attention(sources, query, key_weight, EPS, bias)
+    assert kernel is not None and kernel.dtype == dtype and kernel.shape == sources[0].shape
+    assert err(kernel, torch_code) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize(("tokens", "one_call"), [(ops._PLAIN_TOKENS, True), (ops._PLAIN_TOKENS + 1, False)])
+def test_a_few_tokens_without_autograd_mix_each_site_in_one_call(on_kernels, monkeypatch, tokens, one_call) -> None:
+    """Decoding (no autograd, a few tokens a call) each parametrised site is one call of the C++ mix, with no phase 1
+    and no merge; from more tokens on, the two phases compute. Either way the logits are the two phases' with
+    autograd on."""
+    model = attnres_fx.transform(zoo.llama(layers=4), block_size=3)
+    with torch.no_grad():
+        for p in model.attnres.parameters():
+            p.normal_(std=0.3)
+    ids = zoo.token_ids(batch=1, seq=tokens)
+    reference = model(input_ids=ids).logits.detach()
+    on_kernels("cpu")
+    mixes = []
+    monkeypatch.setattr(cpu_kernels, "mix", lambda *a, mix=cpu_kernels.mix: mixes.append(1) or mix(*a))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    sites = len(list(model.attnres.children()))
+    assert (len(mixes), on_kernels.launched) == ((sites, set()) if one_call else (0, {"phase_one", "merge"}))
+    assert zoo.rel_err(logits, reference) < 1e-5
