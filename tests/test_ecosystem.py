@@ -198,8 +198,9 @@ def test_concurrent_calls_on_two_threads_keep_their_own_state(llama_pair) -> Non
         results: dict[int, list[torch.Tensor]] = {0: [], 1: []}
 
         def work(k: int) -> None:
-            for _ in range(20):
-                results[k].append(tmodel(input_ids=inputs[k]).logits)
+            with torch.no_grad():  # grad mode is per thread
+                for _ in range(20):
+                    results[k].append(tmodel(input_ids=inputs[k]).logits)
 
         threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
         for t in threads:
