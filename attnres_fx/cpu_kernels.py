@@ -5,7 +5,9 @@ n-dependent code, so Inductor built a kernel per block count and fused each into
 layer's kernels came out different (44 distinct C++ kernels for the small benchmark model against the baseline's 16,
 at ~1.7 CPU-s each to build). Here the block count is a runtime argument: a compiled graph calls one opaque operator
 for every block, and the layers' own kernels are the same at every depth. The merge with the partial sum (phase 2) in
-eager mode only: compiled, Inductor fuses its torch code with the norm that reads the result.
+eager mode only: compiled, Inductor fuses its torch code with the norm that reads the result. Eager without autograd,
+for a few tokens a call (decoding), one sublayer's whole mix in one call (`mix`: phase 1 of that sublayer alone over
+all its sources, normalised), where the two phases' calls and ops would cost more than their math.
 
 Per token: phase 1 scores its completed blocks, takes their softmax statistics (fp32) and the weighted sums of the J
 sublayers of the block in one more pass over the token's rows; its backward writes each block's gradients (with those

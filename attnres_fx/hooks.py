@@ -11,7 +11,7 @@ Around each call of a layer (see `layers.py`):
   last layer), carrying the new state; readers between layers (`output_hidden_states`, the final norm) see mixes.
 Depth attention runs in two phases (`ops.py`): when a block opens, all its sublayers are scored against the completed
 blocks at once (phase 1, which the state carries to the next layer); each sublayer then merges its partial sum with
-online softmax.
+online softmax. Decoding (no autograd, a few tokens a call), each mix is one kernel call instead (`ops.plain_pays`).
 
 Where the stream starts inside the first layer (the model's own forward holds the adds and the embedding; a
 hierarchical stage starts in its first block), that layer is handed nothing: its first norm starts the state on the
