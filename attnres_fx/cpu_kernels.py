@@ -465,10 +465,11 @@ def mix(sources: list[Tensor], query: Tensor, key_weight: Tensor, bias: Tensor |
     if not handles(*sources) or not query.is_cpu:
         return None
     first = sources[0]
-    sources = [s.contiguous() for s in sources]  # held until the kernel has read them
+    sources = [s.contiguous() for s in sources]  # these and the weights held until the kernel has read them
     query, key_weight = query.float().contiguous(), key_weight.float().contiguous()
+    bias = None if bias is None else bias.float().contiguous()
     D, out = first.shape[-1], torch.empty_like(sources[0])  # contiguous, as sources[0] now is
-    bias_address = 0 if bias is None else bias.contiguous().data_ptr()
+    bias_address = 0 if bias is None else bias.data_ptr()
     head = [len(sources), first.numel() // D, D, query.data_ptr(), key_weight.data_ptr(), bias_address, out.data_ptr()]
     _call(_MIX, first.dtype, head + [s.data_ptr() for s in sources], eps)
     return out
