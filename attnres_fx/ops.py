@@ -86,8 +86,9 @@ _PLAIN_TOKENS = 64
 def plain_pays(x: Tensor) -> bool:
     """Whether the plain form computes the depth mixes of stream value `x` at less cost than the two phases: with
     nothing to differentiate or trace, on CPU tensors (the kernel's), for a few tokens."""
-    few = x.numel() <= _PLAIN_TOKENS * x.shape[-1] and x.is_cpu
-    return few and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():  # first: nothing more for Dynamo to trace
+        return False
+    return x.numel() <= _PLAIN_TOKENS * x.shape[-1] and x.is_cpu
 
 
 def is_recording() -> bool:
