@@ -322,7 +322,9 @@ class DepthRuntime:
     def _attend(self, call: _LayerCall, offset: int, partial: Tensor | None) -> Tensor:
         program, depth = call.program, call.depth
         eps = program.eps[offset - 1]
-        if not self._uses_two_phase(depth.blocks[-1]):
+        if call.two_phase is None:  # once per layer call: its tokens and modes are those of all its mixes
+            call.two_phase = self._uses_two_phase(depth.blocks[-1])
+        if not call.two_phase:
             query, key_weight = site_weights(call.params[offset - 1])
             blocks, bias = depth.sources()
             if partial is not None:
@@ -395,6 +397,7 @@ class _LayerCall:
         self.scores: dict[float, BlockScores] | None = None if self.depth is None else self.depth.scores
         self.base: Tensor | None = None  # the stream value where a block ended inside the layer (or started)
         self.cached: tuple[int, Tensor, Tensor] | None = None  # (offset, norm input, its mix)
+        self.two_phase: bool | None = None  # whether its mixes are computed in two phases (decided at the first)
         self.reads: dict[int, int] = {}  # per norm module read at several offsets: how often it read so far
 
     def begin(self, depth: DepthState, start: Tensor) -> None:
