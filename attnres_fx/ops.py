@@ -74,12 +74,12 @@ def depth_attention(
     return (weights.unsqueeze(-1) * values).sum(0).to(sources[0].dtype)
 
 
-# Without autograd, a site's plain mix is one C++ call over its sources, where the two phases are two calls (phase 1 at
-# the block's opening, the merge) and a dozen torch ops around them per sublayer, each costing more than its math when
-# a call holds few tokens: decoding a token at a time went from 1.39-1.46x the original's time per token to
-# 1.23-1.27x (`benchmarks.generate`). Phase 1's one read of each block for all of the block's sublayers wins from many tokens on:
-# eager forwards of a 32-layer Llama (d=256, 8 blocks of 8 sublayers) took 0.92-0.97x the two phases' time on the plain
-# mix up to 256 tokens, 1.11x at 1024.
+# Without autograd, a site's plain mix is one C++ call over its sources, where the two phases are two calls (phase 1
+# at the block's opening, the merge) and a dozen torch ops around them per sublayer, each costing more than its math
+# when a call holds few tokens: decoding a token at a time went from 1.39-1.46x the original's time per token to
+# 1.23-1.27x (`benchmarks.generate`). Phase 1's one read of each block for all of the block's sublayers wins from many
+# tokens on: eager forwards of a 32-layer Llama (d=256, 8 blocks of 8 sublayers) took 0.92-0.97x the two phases' time
+# on the plain mix up to 256 tokens, 1.11x at 1024.
 _PLAIN_TOKENS = 64
 
 
